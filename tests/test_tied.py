@@ -1,0 +1,241 @@
+"""The tied block: scan equals the unrolled loop, masks are the documented ones, gradients sum.
+
+Tiny models only: a Dense block (fast, exact checks) and a 8x8 ResNet-like model (convs).
+"""
+
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wtjax import MaskSpec, Tied, apply_masks, masks_for
+from wtjax.models.resnet_like import ResNetLike
+
+K = 4
+
+
+class DenseBlock(nn.Module):
+    """z -> tanh(W z + b + x): a block with input injection and one maskable kernel."""
+
+    @nn.compact
+    def __call__(self, z, x):
+        return jnp.tanh(nn.Dense(z.shape[-1], name="dense")(z) + x)
+
+
+class Net(nn.Module):
+    mode: str = "multi"
+    scan: bool = True
+    kind: str = "unstructured"
+    remat_policy: str | None = None
+    shared: bool = True
+
+    @nn.compact
+    def __call__(self, x, depth=None, deterministic=True, return_intermediates=False):
+        tied = Tied(
+            DenseBlock(),
+            depth=K,
+            mask_mode=self.mode,
+            mask=MaskSpec(kind=self.kind, density=0.5, seed=3),
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            shared=self.shared,
+            name="tied",
+        )
+        return tied(
+            jnp.zeros_like(x),
+            x,
+            depth=depth,
+            deterministic=deterministic,
+            return_intermediates=return_intermediates,
+        )
+
+
+X = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+PARAMS = Net().init(jax.random.PRNGKey(0), X)
+
+
+def _close(a, b, tol=1e-5):
+    chex.assert_trees_all_close(a, b, atol=tol, rtol=tol)
+
+
+def manual_loop(params, x, mode, depth=K, seed=3, kind="unstructured"):
+    """The definition: z_{i+1} = block(W * m_i)(z_i, x), with the masks from wtjax.masks."""
+    spec = MaskSpec(kind=kind, density=0.5, seed=seed)
+    block_params = params["params"]["tied"]["block"]
+    z = jnp.zeros_like(x)
+    for i in range(depth):
+        index = 0 if mode == "same" else i
+        p = block_params if mode == "dense" else apply_masks(block_params, spec, index, ("tied", "block"))
+        z = DenseBlock().apply({"params": p}, z, x)
+    return z
+
+
+def test_params_live_under_tied_block_and_hold_no_masks():
+    leaves = jax.tree_util.tree_leaves_with_path(PARAMS)
+    paths = {tuple(k.key for k in path) for path, _ in leaves}
+    assert paths == {("params", "tied", "block", "dense", "kernel"), ("params", "tied", "block", "dense", "bias")}
+    assert all(leaf.dtype == jnp.float32 for _, leaf in leaves)
+
+
+@pytest.mark.parametrize("mode", ["dense", "same", "multi"])
+@pytest.mark.parametrize("kind", ["unstructured", "nm"])
+def test_scan_equals_unrolled_and_the_definition(mode, kind):
+    scan = Net(mode=mode, kind=kind).apply(PARAMS, X)
+    unrolled = Net(mode=mode, kind=kind, scan=False).apply(PARAMS, X)
+    _close(scan, unrolled)
+    _close(scan, manual_loop(PARAMS, X, mode, kind=kind))
+
+    def loss(p, scan):
+        return jnp.sum(Net(mode=mode, kind=kind, scan=scan).apply(p, X) ** 2)
+
+    _close(jax.grad(loss)(PARAMS, True), jax.grad(loss)(PARAMS, False))
+
+
+def test_multi_masks_differ_per_reuse_and_same_masks_do_not():
+    block_params = PARAMS["params"]["tied"]["block"]
+    spec = MaskSpec(density=0.5, seed=3)
+    per_reuse = [masks_for(block_params, spec, i, ("tied", "block"))[("dense", "kernel")] for i in range(K)]
+    for i in range(K):
+        for j in range(i):
+            assert not jnp.array_equal(per_reuse[i], per_reuse[j])
+    multi = Net(mode="multi").apply(PARAMS, X)
+    same = Net(mode="same").apply(PARAMS, X)
+    dense = Net(mode="dense").apply(PARAMS, X)
+    assert not jnp.allclose(multi, same) and not jnp.allclose(same, dense)
+
+
+def test_gradient_is_the_sum_of_masked_per_reuse_gradients():
+    spec = MaskSpec(density=0.5, seed=3)
+    block_params = PARAMS["params"]["tied"]["block"]
+    w = block_params["dense"]["kernel"]
+    ms = [masks_for(block_params, spec, i, ("tied", "block"))[("dense", "kernel")] for i in range(K)]
+
+    def untied_loss(kernels):
+        z = jnp.zeros_like(X)
+        for kernel in kernels:
+            p = {"dense": {"kernel": kernel, "bias": block_params["dense"]["bias"]}}
+            z = DenseBlock().apply({"params": p}, z, X)
+        return jnp.sum(z**2)
+
+    per_reuse = jax.grad(untied_loss)([w * m for m in ms])
+    expected = sum(m * g for m, g in zip(ms, per_reuse, strict=True))
+    tied = jax.grad(lambda p: jnp.sum(Net(mode="multi").apply(p, X) ** 2))(PARAMS)
+    _close(tied["params"]["tied"]["block"]["dense"]["kernel"], expected)
+
+
+def test_parameter_count_is_independent_of_depth():
+    def count(depth):
+        model = ResNetLike(width=8, depth=depth, mask_mode="multi")
+        v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+        return sum(x.size for x in jax.tree_util.tree_leaves(v))
+
+    assert count(2) == count(5) == count(9)
+
+
+def test_resnet_like_scan_equals_unrolled_with_masks():
+    images = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 3))
+    mask = MaskSpec(kind="nm", seed=1)
+    model = ResNetLike(width=8, depth=3, mask_mode="multi", mask=mask)
+    params = model.init(jax.random.PRNGKey(0), images)
+    ref = ResNetLike(width=8, depth=3, mask_mode="multi", mask=mask, scan=False)
+
+    def loss(p, m):
+        return jnp.mean(m.apply(p, images)[0] ** 2)
+
+    _close(model.apply(params, images)[0], ref.apply(params, images)[0], 1e-4)
+    _close(jax.grad(loss)(params, model), jax.grad(loss)(params, ref), 1e-4)
+
+
+def test_not_tied_scan_equals_unrolled_separate_blocks():
+    scan_params = Net(mode="dense", shared=False).init(jax.random.PRNGKey(0), X)
+    kernel = scan_params["params"]["tied"]["block"]["dense"]["kernel"]
+    assert kernel.shape == (K, 8, 8)
+    # The unrolled not-tied model holds the same K weights as K separate submodules.
+    unrolled = {
+        f"block_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], scan_params["params"]["tied"]["block"])
+        for i in range(K)
+    }
+    out_scan = Net(mode="dense", shared=False).apply(scan_params, X)
+    out_unrolled = Net(mode="dense", shared=False, scan=False).apply({"params": {"tied": unrolled}}, X)
+    _close(out_scan, out_unrolled)
+    with pytest.raises(ValueError, match="not-tied"):
+        Net(mode="dense", shared=False).apply(scan_params, X, depth=K + 1)
+
+
+def test_evaluation_at_another_depth_follows_the_seed():
+    for depth in (2, K + 3):
+        _close(Net(mode="multi").apply(PARAMS, X, depth=depth), manual_loop(PARAMS, X, "multi", depth=depth))
+
+
+def test_intermediates_are_returned_without_changing_the_output():
+    out, zs = Net().apply(PARAMS, X, return_intermediates=True)
+    assert zs.shape == (K,) + X.shape
+    _close(zs[-1], out)
+    _close(out, Net().apply(PARAMS, X))
+    _, zs_unrolled = Net(scan=False).apply(PARAMS, X, return_intermediates=True)
+    _close(zs, zs_unrolled)
+
+
+def test_dropout_mode_is_stochastic_in_training_and_dense_in_evaluation():
+    _close(Net(mode="dropout").apply(PARAMS, X), Net(mode="dense").apply(PARAMS, X))
+
+    def run(seed):
+        return Net(mode="dropout").apply(PARAMS, X, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)})
+
+    a, b = run(0), run(1)
+    assert not jnp.allclose(a, b)
+    _close(a, run(0))
+
+
+def test_remat_gives_the_same_gradients():
+    def loss(p, policy):
+        return jnp.sum(Net(remat_policy=policy).apply(p, X) ** 2)
+
+    _close(jax.grad(loss)(PARAMS, "nothing_saveable"), jax.grad(loss)(PARAMS, None))
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        Net(remat_policy="save_everything_please").apply(PARAMS, X)
+
+
+def test_bad_configuration_fails_loudly():
+    with pytest.raises(ValueError, match="unknown mask_mode"):
+        Tied(DenseBlock(), depth=2, mask_mode="multiple")
+    with pytest.raises(ValueError, match="depth"):
+        Tied(DenseBlock(), depth=0)
+
+
+def test_one_compile_per_input_shape():
+    @jax.jit
+    @chex.assert_max_traces(n=2)
+    def forward(p, x):
+        return Net().apply(p, x)
+
+    forward(PARAMS, X)
+    forward(PARAMS, X + 1.0)
+    forward(PARAMS, jnp.ones((5, 8)))  # a new shape: the second and last trace
+    forward(PARAMS, jnp.zeros((5, 8)))
+
+
+def _output_digest():
+    return np.asarray(Net(mode="multi").apply(PARAMS, X)).round(5).tolist()
+
+
+def test_outputs_are_identical_in_a_separate_process():
+    code = "import sys; sys.path.insert(0, 'tests'); from test_tied import _output_digest; print(_output_digest())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(_output_digest())
+
+
+def test_importing_the_block_pulls_in_no_heavy_dependencies():
+    code = (
+        "import sys, wtjax, wtjax.tied, wtjax.masks;"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'tensorflow_datasets', 'orbax', 'ml_collections')];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,152 @@
+"""Static sparse masks generated on the fly from seeds (never stored).
+
+Every mask is a pure function of ``(seed, reuse index, parameter path)``::
+
+    key = fold_in(fold_in(PRNGKey(seed), path_id(path)), reuse_index)
+
+so masks are identical across calls, processes, restarts and devices, and independent of the
+order in which layers were built (CapaBoost's shared NumPy RNG is not). Two kinds:
+
+* ``unstructured``: exactly ``round(density * n)`` kept entries per tensor and reuse (the
+  paper's "equal per layer"), positions uniform without replacement.
+* ``nm``: N:M (default 2:4): in every group of M consecutive entries along the kernel's
+  input/reduction axis (axis -2 of a Flax ``(in, out)`` Dense or ``HWIO`` Conv kernel, the layout
+  sparse tensor cores use) exactly N are kept.
+
+This module imports only jax, flax and numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+MASK_KINDS = ("unstructured", "nm")
+Path = tuple[str, ...]
+
+
+def path_id(path: Sequence[str]) -> int:
+    """A stable 31-bit id of a parameter path (CRC32 of ``'a/b/c'``), independent of Python's hash seed."""
+    return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+
+
+def mask_key(seed: int, reuse_index: int | jax.Array, path: Sequence[str]) -> jax.Array:
+    """The PRNG key of the mask of ``path`` at ``reuse_index``: fold_in(fold_in(seed, path), reuse)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), path_id(path))
+    return jax.random.fold_in(key, reuse_index)
+
+
+def kept_count(size: int, density: float) -> int:
+    """Number of kept entries of an unstructured mask: ``round(density * size)``."""
+    return int(round(density * size))
+
+
+def unstructured_mask(key: jax.Array, shape: Sequence[int], density: float) -> jax.Array:
+    """A boolean mask with exactly ``round(density * prod(shape))`` True entries.
+
+    A random permutation of ``0..n-1`` is drawn and the entries whose rank is below the kept
+    count survive: exact density, uniform over all subsets of that size.
+    """
+    n = int(np.prod(shape))
+    k = kept_count(n, density)
+    return (jax.random.permutation(key, n) < k).reshape(shape)
+
+
+def nm_mask(key: jax.Array, shape: Sequence[int], n: int = 2, m: int = 4, axis: int = -2) -> jax.Array:
+    """A boolean N:M mask: exactly ``n`` of every ``m`` consecutive entries along ``axis`` kept."""
+    shape = tuple(shape)
+    axis = axis % len(shape)
+    if not 0 < n <= m:
+        raise ValueError(f"N:M sparsity needs 0 < N <= M, got {n}:{m}")
+    if shape[axis] % m:
+        raise ValueError(
+            f"N:M ({n}:{m}) masks group {m} entries along axis {axis}, but that axis of a kernel of "
+            f"shape {shape} has size {shape[axis]}, not a multiple of {m}. Exclude this parameter "
+            "with the mask predicate or use mask kind 'unstructured'."
+        )
+    moved = shape[:axis] + shape[axis + 1 :] + (shape[axis] // m, m)
+    scores = jax.random.uniform(key, moved)
+    # Rank of each score within its group of m; the n smallest ranks are kept.
+    ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
+    keep = (ranks < n).reshape(moved[:-2] + (shape[axis],))
+    return jnp.moveaxis(keep, -1, axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """What to mask and how.
+
+    Attributes:
+      kind: ``'unstructured'`` or ``'nm'``.
+      density: fraction kept (``unstructured``); ``nm`` keeps ``n/m``.
+      n, m: the N:M pattern.
+      seed: the mask seed; masks are a pure function of (seed, reuse, path).
+      predicate: ``predicate(path, leaf) -> bool`` selects the masked parameters. The default
+        masks conv and dense kernels (leaves named ``kernel`` with ndim >= 2), never biases or
+        normalisation parameters.
+    """
+
+    kind: str = "unstructured"
+    density: float = 0.5
+    n: int = 2
+    m: int = 4
+    seed: int = 0
+    predicate: Callable[[Path, jax.Array], bool] | None = None
+
+    def __post_init__(self):
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"unknown mask kind {self.kind!r}; choose one of {MASK_KINDS}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"mask density must be in (0, 1], got {self.density}")
+
+    @property
+    def effective_density(self) -> float:
+        return self.n / self.m if self.kind == "nm" else self.density
+
+    def selects(self, path: Path, leaf) -> bool:
+        pred = self.predicate or default_predicate
+        return bool(pred(path, leaf))
+
+    def make(self, key: jax.Array, shape: Sequence[int]) -> jax.Array:
+        if self.kind == "nm":
+            return nm_mask(key, shape, self.n, self.m)
+        return unstructured_mask(key, shape, self.density)
+
+
+def default_predicate(path: Path, leaf) -> bool:
+    """Mask conv and dense kernels only (leaf named ``kernel`` with at least 2 dims)."""
+    return path[-1] == "kernel" and np.ndim(leaf) >= 2
+
+
+def masks_for(params, spec: MaskSpec, reuse_index, scope: Path = ()) -> dict:
+    """The flat ``{path: bool mask}`` dict for the selected leaves of ``params`` at one reuse.
+
+    ``scope`` is prepended to each leaf's path before hashing, so two tied blocks in one model
+    (e.g. one per ResNet stage) get different masks from the same seed.
+    """
+    flat = traverse_util.flatten_dict(params)
+    return {
+        p: spec.make(mask_key(spec.seed, reuse_index, scope + p), jnp.shape(v))
+        for p, v in flat.items()
+        if spec.selects(p, v)
+    }
+
+
+def apply_masks(params, spec: MaskSpec, reuse_index, scope: Path = ()):
+    """``params`` with every selected leaf multiplied by its mask at ``reuse_index``.
+
+    Multiplying in the forward pass is all that is needed: autodiff then gives the shared
+    weight the sum over reuses of the masked gradients.
+    """
+    if not params:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    for p, mask in masks_for(params, spec, reuse_index, scope).items():
+        flat[p] = flat[p] * mask.astype(flat[p].dtype)
+    return traverse_util.unflatten_dict(flat)
