@@ -239,3 +239,21 @@ def test_importing_the_block_pulls_in_no_heavy_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stored_masks_one_or_one_per_reuse():
+    kernel = PARAMS["params"]["tied"]["block"]["dense"]["kernel"]
+    per_reuse = jax.random.bernoulli(jax.random.PRNGKey(5), 0.5, (K,) + kernel.shape)
+    variables = {**PARAMS, "masks": {"tied": {"block": {"dense": {"kernel": per_reuse}}}}}
+    z = jnp.zeros_like(X)
+    bias = PARAMS["params"]["tied"]["block"]["dense"]["bias"]
+    for i in range(K):
+        z = DenseBlock().apply({"params": {"dense": {"kernel": kernel * per_reuse[i], "bias": bias}}}, z, X)
+    _close(Net(mode="stored").apply(variables, X), z)
+    _close(Net(mode="stored", scan=False).apply(variables, X), z)
+    # One stored mask of the kernel's shape is used at every reuse.
+    one = {**PARAMS, "masks": {"tied": {"block": {"dense": {"kernel": per_reuse[0]}}}}}
+    one_stacked = {**PARAMS, "masks": {"tied": {"block": {"dense": {"kernel": jnp.stack([per_reuse[0]] * K)}}}}}
+    _close(Net(mode="stored").apply(one, X), Net(mode="stored").apply(one_stacked, X))
+    with pytest.raises(ValueError, match="needs the masks"):
+        Net(mode="stored").apply(PARAMS, X)

@@ -15,8 +15,13 @@ Variable collections (decided once, here):
   (google/flax#2052).
 
 Mask modes: ``dense`` (no mask), ``same`` (the reuse-0 mask at every reuse), ``multi`` (a distinct
-mask per reuse) and ``dropout`` (a fresh Bernoulli weight mask per reuse and step at rate
-``1 - density``, inverted scaling, off when ``deterministic``: the paper's dropout baseline).
+mask per reuse), ``dropout`` (a fresh Bernoulli weight mask per reuse and step at rate
+``1 - density``, inverted scaling, off when ``deterministic``: the paper's dropout baseline) and
+``stored`` (masks given, not generated: e.g. scored by a pruning-at-initialisation method. They are
+passed as the ``masks`` variable collection, a tree shaped like the block's parameters holding,
+for each masked leaf, either one mask of the leaf's shape used at every reuse or ``K`` masks
+stacked on a leading axis, one per reuse. Leaves without a mask stay dense. Being a collection,
+they travel with the training state and are checkpointed and sharded like it).
 
 This module imports only jax, flax and numpy.
 """
@@ -34,7 +39,7 @@ from flax import traverse_util
 
 from wtjax.masks import MaskSpec, apply_masks
 
-MASK_MODES = ("dense", "same", "multi", "dropout")
+MASK_MODES = ("dense", "same", "multi", "dropout", "stored")
 
 
 def _remat_policy(name: str | None):
@@ -55,6 +60,26 @@ def _dropout_weights(params, spec: MaskSpec, rate: float, rng: jax.Array):
             keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, v.shape)
             flat[p] = jnp.where(keep, v / (1.0 - rate), 0.0).astype(v.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def _apply_stored_masks(params, masks, reuse_index):
+    """Multiply each leaf that has a stored mask by it (``masks[reuse_index]`` if stacked per reuse)."""
+    if not masks:
+        raise ValueError(
+            "mask_mode='stored' needs the masks as a variable collection: "
+            "model.apply({'params': params, 'masks': masks}, ...)"
+        )
+    flat_params = traverse_util.flatten_dict(params)
+    for path, mask in traverse_util.flatten_dict(masks).items():
+        if path not in flat_params:
+            raise ValueError(f"a stored mask at {'/'.join(path)} has no parameter to mask")
+        leaf = flat_params[path]
+        if mask.ndim == leaf.ndim + 1:
+            mask = mask[reuse_index]
+        if mask.shape != leaf.shape:
+            raise ValueError(f"stored mask at {'/'.join(path)} has shape {mask.shape}; the parameter is {leaf.shape}")
+        flat_params[path] = leaf * mask.astype(leaf.dtype)
+    return traverse_util.unflatten_dict(flat_params)
 
 
 class Tied(nn.Module):
@@ -108,7 +133,11 @@ class Tied(nn.Module):
         params = variables.get("params")
         if self.mask_mode == "dense" or not params:
             return variables
-        return {**variables, "params": self._masked(params, reuse_index, dropout_rng)}
+        if self.mask_mode == "stored":
+            masked = _apply_stored_masks(params, variables.get("masks"), reuse_index)
+        else:
+            masked = self._masked(params, reuse_index, dropout_rng)
+        return {**variables, "params": masked}
 
     def _masked(self, params, reuse_index, dropout_rng):
         if self.mask_mode == "dropout":
@@ -155,7 +184,7 @@ class Tied(nn.Module):
             else:
                 rng = block.make_rng("dropout") if use_dropout else None
                 view = functools.partial(self._view, reuse_index=reuse_index, dropout_rng=rng)
-                masked = nn.map_variables(lambda mdl, *a: mdl(*a), "params", trans_in_fn=view)
+                masked = nn.map_variables(lambda mdl, *a: mdl(*a), ("params", "masks"), trans_in_fn=view)
                 z = masked(block, z, *args)
             return z, (z if return_intermediates else None)
 
@@ -167,7 +196,9 @@ class Tied(nn.Module):
         # inside the parent's compact method would otherwise bind to the parent).
         if self.scan:
             if self.shared:
-                params_axes = dict(variable_broadcast="params", split_rngs={"params": False, "dropout": True})
+                params_axes = dict(
+                    variable_broadcast=("params", "masks"), split_rngs={"params": False, "dropout": True}
+                )
             else:
                 params_axes = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True})
             scanned = nn.scan(
