@@ -164,8 +164,17 @@ def data_config(name: str, **overrides) -> config_dict.ConfigDict:
             "holdout": 0,
             # Use only the first N training examples (after the fixed shuffle); None: all.
             "train_subset": config_dict.placeholder(int),
-            # Random crop (4-pixel zero padding) + horizontal flip (crop only for digits).
+            # Use only the first N evaluation examples; None: all.
+            "eval_subset": config_dict.placeholder(int),
+            # Random crop (zero padding) + horizontal flip (crop only for digits).
             "augment": True,
+            "crop_padding": config_dict.placeholder(int),  # None: 4 (digits: 2)
+            "flip": config_dict.placeholder(bool),  # None: True (digits: False)
+            # Let tfds download and prepare missing datasets (False: fail fast offline).
+            "download": True,
+            # Decoded-image cache for image folders; None: $WTJAX_CACHE_DIR or ~/.cache/wtjax; '': off.
+            "cache_dir": config_dict.placeholder(str),
+            "workers": config_dict.placeholder(int),  # image decoding threads; None: automatic
             # Per-channel normalisation; None: the dataset's standard values.
             "mean": config_dict.placeholder(tuple),
             "std": config_dict.placeholder(tuple),
@@ -174,6 +183,7 @@ def data_config(name: str, **overrides) -> config_dict.ConfigDict:
             "image_shape": (8, 8, 3),
             "num_train": 256,
             "num_eval": 64,
+            "data_seed": 0,  # synthetic data content (independent of the run seed)
         }
     )
     for key, value in overrides.items():
@@ -213,6 +223,32 @@ def optim_config(name: str, learning_rate: float, **overrides) -> config_dict.Co
     return cfg
 
 
+def pruning_config(**overrides) -> config_dict.ConfigDict:
+    """``config.pruning``: pruning at initialisation (:func:`wtjax.pruning.init_masks`).
+
+    Raises:
+      KeyError: an unknown field.
+    """
+    cfg = config_dict.ConfigDict(
+        {
+            "method": config_dict.placeholder(str),  # None: off | random | magnitude | snip | grasp | synflow
+            "sparsity": 0.9,  # fraction of the selected weights removed (exact)
+            "scope": "global",  # global | layer
+            "include": (),  # prune kernels whose path contains one of these ('mon/': a monDEQ layer)
+            "exclude": (),  # ... and none of these ('head': keep the classifier dense)
+            "per_reuse": False,  # tied model in mask_mode='stored': K scored masks, one per reuse
+            "tied_path": ("tied", "block"),  # params path of the stored-mask tied block
+            "iterations": 100,  # SynFlow rounds (exponential schedule)
+            "batch_size": 256,  # SNIP/GraSP scoring batch (the first training batch of the seed)
+        }
+    )
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"unknown pruning field {key!r}; pruning fields are {sorted(cfg)}")
+        cfg[key] = value
+    return cfg
+
+
 def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     """A complete training config with every top-level field; ``overrides`` must be known keys."""
     cfg = config_dict.ConfigDict()
@@ -242,6 +278,10 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
             "cpu_collectives": "gloo",  # cross-process collectives on CPU
         }
     )
+    cfg.pruning = pruning_config()  # pruning at initialisation (off unless pruning.method is set)
+    # LoRA fine-tuning of a frozen pretrained model (wtjax.lora_finetune.FinetuneHook); None: off.
+    cfg.pretrained = config_dict.placeholder(str)  # local public-layout ViT .npz
+    cfg.lora = None  # kind, rank, alpha, depth, density, seed, targets, train_base (configs/vtab_lora.py)
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
     cfg.progress = True  # print a progress line between log steps
     cfg.accounting = True  # print parameter/FLOP accounting at the end
@@ -268,7 +308,12 @@ def validate(config, num_classes: int | None = None) -> None:
     missing = sorted(_TOP_LEVEL - set(config.keys()))
     if missing:
         raise KeyError(f"config is missing key(s) {missing}; build it with wtjax.config_schema.base_config")
-    for section, reference in (("data", data_config("x")), ("optim", optim_config("adam", 0.0))):
+    sections = (
+        ("data", data_config("x")),
+        ("optim", optim_config("adam", 0.0)),
+        ("pruning", pruning_config()),
+    )
+    for section, reference in sections:
         extra = sorted(set(config[section].keys()) - set(reference.keys()))
         if extra:
             raise KeyError(f"unknown {section} field(s) {extra}; known: {sorted(reference.keys())}")

@@ -26,10 +26,11 @@ handles well anywhere:
 GPU/TPU, which have their own convolution paths). ``impl='auto'`` resolves to ``'im2col'`` on the
 CPU backend and ``'xla'`` elsewhere (:func:`resolve_impl`).
 
-The two implementations compute the same function; the custom one supports reverse mode (also
-reverse-over-reverse: its backward is itself differentiable) and ``vmap``, but not forward mode
-(``jax.jvp``/``jax.jacfwd``), a limitation of ``jax.custom_vjp``. Use ``impl='xla'`` where forward
-mode is needed.
+The two implementations compute the same function; the custom one supports reverse mode,
+reverse-over-reverse and forward-over-reverse (``jax.jvp`` of ``jax.grad``: Hessian-vector
+products, e.g. GraSP; its backward is made of ordinary differentiable ops) and ``vmap``, but not
+forward mode applied to the convolution itself (``jax.jvp``/``jax.jacfwd`` of the forward pass
+raise ``TypeError``), a limitation of ``jax.custom_vjp``. Use ``impl='xla'`` where that is needed.
 """
 
 from __future__ import annotations

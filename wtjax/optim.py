@@ -75,7 +75,9 @@ def create_optimizer(optim_config, total_steps: int, steps_per_epoch: int):
         chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
     if name == "adamw":
         chain.append(
-            optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps, weight_decay=wd)
+            optax.adamw(
+                schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps, weight_decay=wd
+            )
         )
     else:
         if wd:

@@ -84,7 +84,9 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> int:
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Assemble each process's slice (numpy arrays) into global arrays split over ``'data'``."""
     sharding = batch_sharded(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }
 
 
 def process_info() -> tuple[int, int]:

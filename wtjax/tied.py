@@ -23,6 +23,14 @@ for each masked leaf, either one mask of the leaf's shape used at every reuse or
 stacked on a leading axis, one per reuse. Leaves without a mask stay dense. Being a collection,
 they travel with the training state and are checkpointed and sharded like it).
 
+SPIN parameter sharing (``weight_map``, see :mod:`wtjax.sharing`) goes through the same tie: the
+``block`` parameters selected by ``share_predicate`` are stored as ``P = max(weight_map) + 1``
+sets stacked on a leading axis, the others as ``depth`` per-layer sets, and reuse ``i`` sees
+``params[weight_map[i]]`` (resp. ``params[i]``) through the same per-reuse view that applies the
+masks (gather, then optional per-layer affine transform, then mask). With ``fusion`` the shared
+leaves are stored per layer (the pretrained not-shared weights ``V``) and reuse ``i`` sees the
+fused ``F_{weight_map[i]}(V)``; :func:`fold_fusion` turns such a tree into a plain shared one.
+
 This module imports only jax, flax and numpy.
 """
 
@@ -37,7 +45,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from wtjax.masks import MaskSpec, apply_masks
+from wtjax import sharing
+from wtjax.masks import MaskSpec, apply_masks, default_predicate
 
 MASK_MODES = ("dense", "same", "multi", "dropout", "stored")
 
@@ -110,6 +119,20 @@ class Tied(nn.Module):
         code path: ``depth`` independent parameter sets, stacked on a leading axis of size
         ``depth`` in scan mode (``variable_axes={'params': 0}``) or held by ``depth`` separate
         submodules ``block_0 .. block_{K-1}`` in the unrolled mode. Its depth cannot change per call.
+      weight_map: ``None`` (the default: every reuse shares one parameter set, the tree above) or
+        a SPIN layer-to-weight map of length ``depth`` (:func:`wtjax.sharing.layer_to_weight`):
+        reuse ``i`` uses parameter set ``weight_map[i]``. The depth cannot change per call.
+      share_predicate: ``predicate(path, leaf) -> bool`` choosing the block parameters that
+        follow ``weight_map`` (``leaf`` has the per-layer shape); the others get one set per
+        layer. ``None`` shares every parameter. SPIN's ConvMixer shares only the pointwise conv.
+      affine_groups: ``None`` or the group size ``G`` of SPIN's per-layer affine transform of
+        every shared kernel, ``f_i(W) = a_i * W + b_i`` (:func:`wtjax.sharing.affine_apply`).
+        The first layer using a set sees it as is; each later one has its own transform, stored
+        under ``<this>/affine`` with a leading axis of size ``depth - P`` (in layer order),
+        initialised to the identity. This reproduces SPIN Table 2's parameter counts.
+      fusion: ``None`` or a fusion strategy (:data:`wtjax.sharing.FUSIONS`): shared leaves are
+        stored per layer and fused per reuse; learnable fusion weights of shared kernels live
+        under ``<this>/fusion`` (leading depth axis), initialised so the fusion is the mean.
     """
 
     block: nn.Module
@@ -120,16 +143,131 @@ class Tied(nn.Module):
     remat_policy: str | None = None
     unroll: int = 1
     shared: bool = True
+    weight_map: tuple[int, ...] | None = None
+    share_predicate: Callable[[tuple[str, ...], Any], bool] | None = None
+    affine_groups: int | None = None
+    fusion: str | None = None
 
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; choose one of {MASK_MODES}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.weight_map is not None:
+            object.__setattr__(self, "weight_map", sharing.validate_map(self.weight_map))
+            if len(self.weight_map) != self.depth:
+                raise ValueError(f"weight_map has {len(self.weight_map)} entries; depth is {self.depth}")
+            if not self.shared:
+                raise ValueError("weight_map describes sharing; it cannot be combined with shared=False")
+            if self.fusion is not None and self.fusion not in sharing.FUSIONS:
+                raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {sharing.FUSIONS}")
+        elif self.affine_groups is not None or self.fusion is not None or self.share_predicate is not None:
+            raise ValueError("affine_groups, fusion and share_predicate need a weight_map")
         super().__post_init__()
 
-    def _view(self, variables, reuse_index, dropout_rng):
+    # -- SPIN weight maps -----------------------------------------------------------------------
+
+    def _shares(self, path, per_layer_leaf) -> bool:
+        return self.share_predicate is None or bool(self.share_predicate(path, per_layer_leaf))
+
+    def _map_shared(self, variables, fn):
+        """Apply ``fn`` to every shared leaf of ``variables['params']`` (a map_variables callback)."""
+        if self.fusion is not None or not variables.get("params"):
+            return variables  # fusion trains the per-layer weights V themselves
+        flat = traverse_util.flatten_dict(variables["params"])
+        for path, v in flat.items():
+            if self._shares(path, _per_layer(v)):
+                flat[path] = fn(v)
+        return {**variables, "params": traverse_util.unflatten_dict(flat)}
+
+    def _storage_from_layers(self, variables):
+        """At init: keep ``P`` of the ``depth`` freshly initialised sets of each shared leaf."""
+        return self._map_shared(variables, lambda v: v[: sharing.num_weights(self.weight_map)])
+
+    def _layers_from_storage(self, variables):
+        """Right inverse of :meth:`_storage_from_layers`: pad ``P`` sets to ``depth`` (repeat the last)."""
+        index = jnp.minimum(jnp.arange(self.depth), sharing.num_weights(self.weight_map) - 1)
+        return self._map_shared(variables, lambda v: v[index])
+
+    def _transform_params(self, storage):
+        """Create (init) or read ``affine`` and ``fusion`` params, shaped from the block storage."""
+        kernels = {
+            path: _per_layer(v)
+            for path, v in traverse_util.flatten_dict(storage).items()
+            if self._shares(path, _per_layer(v)) and default_predicate(path, _per_layer(v))
+        }
+        extras = {}
+        n_affine = self.depth - sharing.num_weights(self.weight_map)
+        if self.affine_groups is not None and n_affine > 0:
+
+            def init_affine(_):
+                g = self.affine_groups
+                return traverse_util.unflatten_dict(
+                    {p: sharing.affine_init(v.shape[-1], g, n_affine) for p, v in kernels.items()}
+                )
+
+            extras["affine"] = self.param("affine", init_affine)
+        if self.fusion in sharing.LEARNABLE_FUSIONS:
+
+            def init_fusion(_):
+                return traverse_util.unflatten_dict(
+                    {p: sharing.fusion_init(self.fusion, self.depth, v.shape[-1]) for p, v in kernels.items()}
+                )
+
+            extras["fusion"] = self.param("fusion", init_fusion)
+        return extras
+
+    def _select(self, params, reuse_index, extras):
+        """The parameters of reuse ``reuse_index``: gather (or fuse) its set, then transform it."""
+        flat = traverse_util.flatten_dict(params)
+        affine = traverse_util.flatten_dict(extras.get("affine", {}), is_leaf=_is_affine_leaf)
+        alphas = traverse_util.flatten_dict(extras.get("fusion", {}))
+        slot = jnp.asarray(self.weight_map)[reuse_index]
+        for path, v in flat.items():
+            if not self._shares(path, _per_layer(v)):
+                flat[path] = v[reuse_index]
+                continue
+            if self.fusion is None:
+                w = v[slot]
+            else:
+                w = sharing.fuse(v, self.weight_map, self.fusion, alphas.get(path), row=slot)
+            if path in affine:
+                # Layer i uses transform j = index[i]; the first user of a set (-1) sees W as is.
+                j = jnp.asarray(sharing.affine_index(self.weight_map))[reuse_index]
+                a, b = affine[path]["scale"][jnp.maximum(j, 0)], affine[path]["bias"][jnp.maximum(j, 0)]
+                w = jnp.where(j >= 0, sharing.affine_apply(w, a, b), w)
+            flat[path] = w.astype(v.dtype)
+        return traverse_util.unflatten_dict(flat)
+
+    def _init_storage(self, block, z, args):
+        """Create the stacked block parameters: ``depth`` independent inits, ``P`` kept if shared."""
+
+        def run(mdl, z, *a):
+            return mdl(z, *a)
+
+        stacked = nn.vmap(
+            run,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(None,) * (1 + len(args)),
+            axis_size=self.depth,
+        )
+        # map_variables(init=True) runs the target again on the stored tree and stores its output
+        # again: pad the P kept sets back to depth so the vmapped block sees consistent axes, in a
+        # way the slice [:P] undoes exactly (repeating the last set).
+        nn.map_variables(
+            stacked,
+            "params",
+            trans_in_fn=self._layers_from_storage,
+            trans_out_fn=self._storage_from_layers,
+            init=True,
+            mutable=True,
+        )(block, z, *args)
+
+    def _view(self, variables, reuse_index, dropout_rng, extras=None):
         """What one reuse sees of ``{'params': shared params}``: masked according to the mode."""
+        if self.weight_map is not None and variables.get("params"):
+            variables = {**variables, "params": self._select(variables["params"], reuse_index, extras or {})}
         params = variables.get("params")
         if self.mask_mode == "dense" or not params:
             return variables
@@ -174,16 +312,31 @@ class Tied(nn.Module):
         depth = self.depth if depth is None else depth
         if not self.shared and depth != self.depth:
             raise ValueError(f"a not-tied stack has {self.depth} layers; it cannot run {depth}")
+        if self.weight_map is not None and depth != self.depth:
+            raise ValueError(f"a weight map describes {self.depth} layers; it cannot run {depth}")
         use_dropout = self.mask_mode == "dropout" and not deterministic
+        # Adopt the block under this module's scope, wherever the caller built it (a block built
+        # inside the parent's compact method would otherwise bind to the parent). A block built
+        # outside any module (e.g. Tied used as the top-level module) is already adopted by Flax
+        # as this module's `block` field: use it as is (a clone would clash with its name).
+        own = None
+        if self.shared or self.scan:
+            own = self.block if self.block.parent is self else self.block.clone(parent=self, name="block")
+        shared_block = own if self.shared else None
+        extras = {}
+        if self.weight_map is not None:
+            if self.is_initializing():
+                self._init_storage(shared_block, z, broadcast_args)
+            extras = self._transform_params(self.variables["params"]["block"])
 
         def step(block, z, reuse_index, *args):
-            if block.is_initializing():
+            if block.is_initializing() and self.weight_map is None:
                 # Parameters are created unmasked (and nn.scan forbids broadcast variables that
                 # depend on the scan body, which a masked view at init would be).
                 z = block(z, *args)
             else:
                 rng = block.make_rng("dropout") if use_dropout else None
-                view = functools.partial(self._view, reuse_index=reuse_index, dropout_rng=rng)
+                view = functools.partial(self._view, reuse_index=reuse_index, dropout_rng=rng, extras=extras)
                 masked = nn.map_variables(lambda mdl, *a: mdl(*a), ("params", "masks"), trans_in_fn=view)
                 z = masked(block, z, *args)
             return z, (z if return_intermediates else None)
@@ -192,8 +345,6 @@ class Tied(nn.Module):
         if policy is not None:
             step = nn.remat(step, policy=policy, prevent_cse=not self.scan)
 
-        # Adopt the block under this module's scope, wherever the caller built it (a block built
-        # inside the parent's compact method would otherwise bind to the parent).
         if self.scan:
             if self.shared:
                 params_axes = dict(
@@ -208,11 +359,11 @@ class Tied(nn.Module):
                 unroll=self.unroll,
                 **params_axes,
             )
-            block = self.block.clone(parent=self, name="block")
+            block = own
             z, zs = scanned(block, z, jnp.arange(depth), *broadcast_args)
         else:
             if self.shared:
-                blocks = [self.block.clone(parent=self, name="block")] * depth
+                blocks = [shared_block] * depth
             else:
                 blocks = [self.block.clone(parent=self, name=f"block_{i}") for i in range(depth)]
             outs = []
@@ -221,3 +372,37 @@ class Tied(nn.Module):
                 outs.append(out)
             zs = jnp.stack(outs) if return_intermediates else None
         return (z, zs) if return_intermediates else z
+
+
+def _per_layer(v):
+    """The abstract per-layer leaf of a stacked leaf (what predicates of a single layer see)."""
+    return jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+
+
+def _is_affine_leaf(_, x) -> bool:
+    return isinstance(x, dict) and set(x) == {"scale", "bias"}
+
+
+def fold_fusion(tied_params, weight_map, fusion: str, share_predicate=None):
+    """Constant-fold a fusion-trained :class:`Tied` parameter tree into a plain shared one.
+
+    Args:
+      tied_params: the ``params`` subtree of a ``Tied(weight_map=..., fusion=fusion)``:
+        ``block`` (shared leaves per layer, ``(depth, ...)``), optional ``fusion`` and ``affine``.
+      weight_map, fusion, share_predicate: the fields of that ``Tied``.
+
+    Returns:
+      The ``params`` subtree of the same ``Tied`` with ``fusion=None``: each shared leaf replaced
+      by the ``P`` fused weights ``F_w(V)`` (``(P, ...)``), ``fusion`` dropped, ``affine`` kept.
+      Both trees compute the same function.
+    """
+    weight_map = sharing.validate_map(weight_map)
+    share = share_predicate or (lambda p, v: True)
+    alphas = traverse_util.flatten_dict(tied_params.get("fusion", {}))
+    flat = traverse_util.flatten_dict(tied_params["block"])
+    for path, v in flat.items():
+        if share(path, _per_layer(v)):
+            flat[path] = sharing.fuse(v, weight_map, fusion, alphas.get(path)).astype(v.dtype)
+    out = {k: v for k, v in tied_params.items() if k not in ("block", "fusion")}
+    out["block"] = traverse_util.unflatten_dict(flat)
+    return out

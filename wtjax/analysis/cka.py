@@ -77,7 +77,8 @@ def cka_matrix(layers: Sequence[np.ndarray], batch_size: int | None = None) -> n
             else:
                 n = len(layers[i]) // batch_size * batch_size
                 pairs = [
-                    (layers[i][s : s + batch_size], layers[j][s : s + batch_size]) for s in range(0, n, batch_size)
+                    (layers[i][s : s + batch_size], layers[j][s : s + batch_size])
+                    for s in range(0, n, batch_size)
                 ]
                 value = minibatch_cka(pairs)
             out[i, j] = out[j, i] = value

@@ -13,10 +13,30 @@ import dataclasses
 
 import flax.linen as nn
 
+from wtjax.models.cct import CCT
+from wtjax.models.convmixer import ConvMixer
+from wtjax.models.deq import DEQMLP, DEQResNetLike
+from wtjax.models.deq_cct import DEQCCT
+from wtjax.models.mlp import MLP
+from wtjax.models.mondeq import MonDEQConv, MonDEQFC
+from wtjax.models.resnet20 import ResNet20
 from wtjax.models.resnet_like import ResNetLike
+from wtjax.models.vit import ViT
+from wtjax.models.vit_shared import SharedViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "resnet_like": ResNetLike,
+    "mlp": MLP,
+    "resnet20": ResNet20,
+    "vit": ViT,
+    "deq_resnet_like": DEQResNetLike,
+    "deq_mlp": DEQMLP,
+    "mondeq_fc": MonDEQFC,
+    "mondeq_conv": MonDEQConv,
+    "cct": CCT,
+    "convmixer": ConvMixer,
+    "vit_shared": SharedViT,
+    "deq_cct": DEQCCT,
 }
 
 

@@ -10,10 +10,12 @@
 3x3 convolutions without bias, GroupNorm (no batch statistics inside the scan). Forms:
 ``not_tied`` (K independent blocks) and ``tied`` with mask modes dense / same / multi / dropout.
 
-Parameter counts (10 classes, 4 groups): width C has ``2*9*C^2`` parameters in the tied block plus
-``6*C`` GroupNorm parameters, a stem of ``27*C + 2*C`` and a head of ``10*C + 10``. The paper gives
-no widths; ``small`` (C=40, 32k parameters) and ``large`` (C=168, 0.52M) are chosen to land near
-its Table 1b counts for the weight-tied ResNet (35k and 0.53M).
+Parameter counts (3 input channels, 10 classes): the tied block has ``18*C^2 + 6*C`` (two
+bias-free 3x3 convs and three GroupNorms), the stem ``27*C + 2*C`` and the head ``10*C + 10``:
+``18C^2 + 45C + 10`` for the tied form, ``K*(18C^2 + 6C) + 39C + 10`` not tied. The paper gives no
+widths; ``size='small'`` (C=44: 36,838) and ``size='large'`` (C=172: 540,262) are the multiples of
+the 4 GroupNorm groups nearest its Table 1b counts for the weight-tied ResNet (35k and 0.53M).
+``width=`` (default 64, the width of the performance notes) is used when ``size`` is None.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from wtjax.masks import MaskSpec
 from wtjax.tied import Tied
 
 FORMS = ("tied", "not_tied")
+SIZES = {"small": 44, "large": 172}
 
 
 class ResidualInjectionBlock(nn.Module):
@@ -53,10 +56,12 @@ class ResNetLike(nn.Module):
 
     Attributes:
       num_classes: classifier outputs.
-      width: channels C of the stem and the tied block.
+      width: channels C of the stem and the tied block (when ``size`` is None).
+      size: ``None``, ``'small'`` (C=44) or ``'large'`` (C=172), overriding ``width``.
       depth: reuses K of the block.
       form: ``tied`` or ``not_tied``.
-      mask_mode: ``dense``, ``same``, ``multi`` or ``dropout`` (tied form; see :class:`Tied`).
+      mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (see :class:`Tied`), for
+        the tied form. The not-tied form is always dense: it is the paper's explicit baseline.
       mask: mask kind, density, N:M and seed.
       groups: GroupNorm groups.
       scan: scan (default) or the unrolled reference loop.
@@ -66,6 +71,7 @@ class ResNetLike(nn.Module):
 
     num_classes: int = 10
     width: int = 64
+    size: str | None = None
     depth: int = 8
     form: str = "tied"
     mask_mode: str = "multi"
@@ -85,10 +91,13 @@ class ResNetLike(nn.Module):
         """
         if self.form not in FORMS:
             raise ValueError(f"unknown form {self.form!r}; choose one of {FORMS}")
-        x = Conv(self.width, impl=self.conv_impl, name="stem_conv")(images)
+        if self.size is not None and self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose one of {sorted(SIZES)} or set width")
+        width = SIZES[self.size] if self.size else self.width
+        x = Conv(width, impl=self.conv_impl, name="stem_conv")(images)
         x = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_gn")(x))
         tied = Tied(
-            ResidualInjectionBlock(self.width, self.groups, self.conv_impl),
+            ResidualInjectionBlock(width, self.groups, self.conv_impl),
             depth=self.depth,
             mask_mode=self.mask_mode if self.form == "tied" else "dense",
             mask=self.mask,

@@ -1,0 +1,253 @@
+"""Invariants of the pure-JAX implicit machinery (wtjax.implicit): solvers, gradients, regularisers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wtjax.implicit import (
+    SOLVERS,
+    SolverConfig,
+    adjoint_solve,
+    fixed_point,
+    fixed_point_residual_loss,
+    jacobian_penalty,
+    solve,
+)
+
+D, B = 6, 3
+
+
+def _contraction(rng, radius, d=D, symmetric=False):
+    a = rng.normal(size=(d, d))
+    if symmetric:
+        # Eigenvalues spread over [0, radius]: slow modes for plain iteration (ill-conditioned I - A).
+        q, _ = np.linalg.qr(a)
+        a = q @ np.diag(np.linspace(0.0, radius, d)) @ q.T
+    else:
+        a = radius * a / np.abs(np.linalg.eigvals(a)).max()
+    return jnp.asarray(a)
+
+
+def _tanh_map(w, x, z):
+    return jnp.tanh(z @ w.T + x)
+
+
+def _tanh_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(0.5 * rng.normal(size=(D, D)) / np.sqrt(D))
+    x = jnp.asarray(rng.normal(size=(B, D)))
+    c = jnp.asarray(rng.normal(size=(B, D)))  # loss weights: L = sum(c * z*)
+    return w, x, c
+
+
+@pytest.mark.parametrize(
+    "solver,stop_mode", [("fixed_point", "abs"), ("anderson", "abs"), ("broyden", "abs"), ("anderson", "rel")]
+)
+def test_solvers_reach_the_linear_solution(solver, stop_mode):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        a, b = _contraction(rng, 0.9), jnp.asarray(rng.normal(size=(B, D)))
+        exact = jnp.linalg.solve(jnp.eye(D) - a, b.T).T
+        # tol 1e-9: Anderson's absolute ridge (torchdeq's lam=1e-4) stalls it near 1e-10.
+        cfg = SolverConfig(solver=solver, max_iter=400, tol=1e-9, stop_mode=stop_mode)
+        f = lambda z: z @ a.T + b
+        z, stats = solve(f, jnp.zeros((B, D)), cfg)
+        np.testing.assert_allclose(z, exact, atol=1e-7)
+        assert bool(jnp.all(stats.converged)) and not bool(stats.diverged)
+        # The reported residuals are those of the returned iterate, and the lowest in the trace.
+        abs_res = jnp.linalg.norm(f(z) - z, axis=-1)
+        np.testing.assert_allclose(stats.abs_res, abs_res, rtol=1e-6, atol=1e-14)
+        trace = stats.abs_trace if stop_mode == "abs" else stats.rel_trace
+        best = stats.abs_res if stop_mode == "abs" else stats.rel_res
+        np.testing.assert_allclose(best, jnp.nanmin(trace, axis=0))
+        assert int(jnp.sum(jnp.isfinite(stats.abs_trace[:, 0]))) == int(stats.nstep)
+        # The scan version (differentiable) takes the same path.
+        z2, stats2 = solve(f, jnp.zeros((B, D)), cfg, differentiable=True)
+        np.testing.assert_allclose(z2, z, atol=1e-12)
+        assert int(stats2.nstep) == int(stats.nstep)
+
+
+def test_acceleration_needs_fewer_iterations():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(2)
+        a, b = _contraction(rng, 0.98, d=12, symmetric=True), jnp.asarray(rng.normal(size=(B, 12)))
+        f = lambda z: z @ a.T + b
+        steps = {}
+        for solver in SOLVERS:
+            _, stats = solve(f, jnp.zeros((B, 12)), SolverConfig(solver=solver, max_iter=2000, tol=1e-8))
+            assert bool(jnp.all(stats.converged)), solver
+            steps[solver] = int(stats.nstep)
+        assert steps["anderson"] * 4 < steps["fixed_point"], steps
+        assert steps["broyden"] * 4 < steps["fixed_point"], steps
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_divergence_is_flagged_and_best_iterate_kept(solver):
+    z0 = jnp.ones((B, D))
+    _, stats_ok = solve(lambda z: 0.5 * z, z0, SolverConfig(solver=solver, max_iter=100, tol=1e-4))
+    assert not bool(stats_ok.diverged) and bool(jnp.all(stats_ok.converged))
+    # f(z) = 3 z + 1 has its fixed point at -1/2 but repels every iterate.
+    z, stats = solve(lambda z: 3.0 * z + 1.0, z0, SolverConfig(solver="fixed_point", max_iter=100))
+    assert bool(stats.diverged) and not bool(jnp.any(stats.converged))
+    assert int(stats.nstep) < 100  # the protective break fired
+    np.testing.assert_allclose(z, z0)  # the initial point had the lowest residual
+    # NaN from f: flagged, and the NaN iterate is never returned.
+    z, stats = solve(lambda z: z * jnp.nan, z0, SolverConfig(solver=solver, max_iter=20))
+    assert bool(stats.diverged) and int(stats.nstep) == 1
+    assert bool(jnp.all(jnp.isfinite(z)))
+
+
+def test_per_sample_residuals_and_batch_independence():
+    # One sample starts at its fixed point: its residual is 0 and it is unaffected by the others.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        a = _contraction(rng, 0.8)
+        b = jnp.asarray(rng.normal(size=(B, D))).at[0].set(0.0)
+        f = lambda z: z @ a.T + b
+        cfg = SolverConfig(solver="anderson", max_iter=200, tol=1e-10)
+        z, stats = solve(f, jnp.zeros((B, D)), cfg)
+        assert stats.abs_res.shape == (B,) and stats.abs_trace.shape == (200, B)
+        assert float(stats.abs_trace[0, 0]) == 0.0 and float(stats.abs_trace[0, 1]) > 0.0
+        alone = jax.jit(lambda bi: solve(lambda z: z @ a.T + bi, jnp.zeros((1, D)), cfg)[0])
+        for i in range(B):
+            np.testing.assert_allclose(z[i : i + 1], alone(b[i : i + 1]), atol=1e-9)
+
+
+@pytest.mark.parametrize("backward_solver", SOLVERS)
+def test_ift_gradient_matches_finite_differences_and_unrolled(backward_solver):
+    with jax.enable_x64(True):
+        w, x, c = _tanh_problem()
+        fwd = SolverConfig(solver="anderson", max_iter=200, tol=1e-13)
+        bwd = SolverConfig(solver=backward_solver, max_iter=300, tol=1e-13)
+
+        def loss(w, x, grad):
+            z, _ = fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=fwd, backward=bwd, grad=grad)
+            return jnp.sum(c * z)
+
+        gw, gx = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, x, "ift")
+        # Reference 1: central finite differences along random directions.
+        value = jax.jit(loss, static_argnums=2)
+        rng = np.random.default_rng(4)
+        for _ in range(2):
+            dw, dx = jnp.asarray(rng.normal(size=w.shape)), jnp.asarray(rng.normal(size=x.shape))
+            eps = 1e-6
+            fd = (value(w + eps * dw, x + eps * dx, "ift") - value(w - eps * dw, x - eps * dx, "ift")) / (
+                2 * eps
+            )
+            np.testing.assert_allclose(jnp.sum(gw * dw) + jnp.sum(gx * dx), fd, rtol=1e-6)
+        if backward_solver != "anderson":
+            return  # one unrolled reference is enough (it is the slowest part)
+        # Reference 2: autodiff through a long unrolled fixed-point iteration.
+        long = SolverConfig(solver="fixed_point", max_iter=300, tol=0.0)
+        unrolled = lambda w, x: jnp.sum(
+            c * fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=long, grad="unrolled")[0]
+        )
+        uw, ux = jax.jit(jax.grad(unrolled, argnums=(0, 1)))(w, x)
+        np.testing.assert_allclose(gw, uw, atol=1e-9)
+        np.testing.assert_allclose(gx, ux, atol=1e-9)
+
+
+def test_phantom_and_one_step_gradients_match_their_definitions():
+    with jax.enable_x64(True):
+        w, x, c = _tanh_problem(5)
+        fwd = SolverConfig(max_iter=100, tol=1e-12)
+        z_star, _ = solve(lambda z: _tanh_map(w, x, z), jnp.zeros_like(x), fwd)
+        for k, tau in [(1, 1.0), (3, 0.5)]:
+
+            def by_definition(w, k=k, tau=tau):
+                z = z_star  # a constant: no gradient through the solver
+                for _ in range(k):
+                    z = tau * _tanh_map(w, x, z) + (1 - tau) * z
+                return jnp.sum(c * z)
+
+            def phantom(w, k=k, tau=tau):
+                z, _ = fixed_point(
+                    _tanh_map,
+                    w,
+                    x,
+                    jnp.zeros_like(x),
+                    forward=fwd,
+                    grad="phantom",
+                    phantom_steps=k,
+                    phantom_tau=tau,
+                )
+                return jnp.sum(c * z)
+
+            np.testing.assert_allclose(
+                jax.jit(jax.grad(phantom))(w), jax.jit(jax.grad(by_definition))(w), atol=1e-12
+            )
+        one_step = lambda w: jnp.sum(
+            c * fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=fwd, grad="one_step")[0]
+        )
+        expected = jax.grad(lambda w: jnp.sum(c * _tanh_map(w, x, z_star)))(w)
+        np.testing.assert_allclose(jax.grad(one_step)(w), expected, atol=1e-12)
+        # The 1-step gradient is an approximation: it differs from the exact (IFT) one here.
+        ift = lambda w: jnp.sum(c * fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=fwd)[0])
+        assert float(jnp.max(jnp.abs(jax.grad(ift)(w) - expected))) > 1e-3
+
+
+def test_fixed_point_under_jit_and_vmap():
+    w, x, c = _tanh_problem(6)
+    w, x, c = (v.astype(jnp.float32) for v in (w, x, c))
+    xs = jnp.stack([x, 2.0 * x, -x])  # three independent problems
+
+    def loss(w, x):
+        z, stats = fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=SolverConfig(tol=1e-6))
+        return jnp.sum(c * z), stats.nstep
+
+    vals, grads = jax.jit(jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(None, 0)))(w, xs)
+    single = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    for i in range(3):
+        (v, _), g = single(w, xs[i])
+        np.testing.assert_allclose(vals[0][i], v, rtol=1e-5)
+        np.testing.assert_allclose(grads[i], g, rtol=1e-4, atol=1e-5)
+
+
+def test_adjoint_solve_solves_the_linear_system():
+    with jax.enable_x64(True):
+        w, x, c = _tanh_problem(7)
+        z, _ = solve(lambda z: _tanh_map(w, x, z), jnp.zeros_like(x), SolverConfig(tol=1e-12, max_iter=100))
+        u, stats, _ = adjoint_solve(_tanh_map, w, x, z, c, SolverConfig(tol=1e-12, max_iter=100))
+        # (I - J)^T u = c per sample, with J the exact per-sample Jacobian.
+        for i in range(B):
+            jac = jax.jacobian(lambda zi, i=i: _tanh_map(w, x[i], zi))(z[i])
+            np.testing.assert_allclose((jnp.eye(D) - jac).T @ u[i], c[i], atol=1e-10)
+        assert bool(jnp.all(stats.converged))
+
+
+def test_jacobian_penalty_is_an_unbiased_frobenius_estimate():
+    rng = np.random.default_rng(8)
+    a = jnp.asarray(rng.normal(size=(D, D)), jnp.float32)
+    f = lambda a, x, z: z @ a.T + x
+    z = jnp.zeros((B, D))
+    exact = float(jnp.sum(a**2)) / D  # ||J_b||_F^2 / d, the same for every sample
+    est = jacobian_penalty(f, a, z, z, jax.random.key(0), num_vectors=2000)
+    np.testing.assert_allclose(est, exact, rtol=0.05)
+    # Differentiable in the parameters: d/dA E||v^T A||^2 / d = 2 A / d.
+    g = jax.grad(lambda a: jacobian_penalty(f, a, z, z, jax.random.key(1), num_vectors=2000))(a)
+    np.testing.assert_allclose(g, 2 * a / D, atol=0.15 * float(jnp.abs(2 * a / D).max()))
+
+
+def test_fixed_point_residual_loss():
+    w, x, _ = _tanh_problem(9)
+    z, _ = solve(lambda z: _tanh_map(w, x, z), jnp.zeros_like(x), SolverConfig(tol=1e-7, max_iter=100))
+    assert float(fixed_point_residual_loss(_tanh_map, w, x, z)) < 1e-10
+    z1 = jnp.ones_like(x)
+    assert float(fixed_point_residual_loss(_tanh_map, w, x, z1)) > 0.1
+    g = jax.grad(lambda w: fixed_point_residual_loss(_tanh_map, w, x, z1))(w)
+    assert float(jnp.abs(g).sum()) > 0
+
+
+def test_bad_configs_fail_loudly():
+    for bad in [
+        dict(solver="newton"),
+        dict(stop_mode="max"),
+        dict(max_iter=0),
+        dict(tau=0.0),
+        dict(memory=0),
+    ]:
+        with pytest.raises(ValueError):
+            SolverConfig(**bad)
+    with pytest.raises(ValueError, match="grad mode"):
+        fixed_point(_tanh_map, jnp.eye(2), jnp.ones((1, 2)), jnp.zeros((1, 2)), grad="adjoint")

@@ -1,0 +1,73 @@
+"""A run killed (SIGKILL) in the middle of writing a checkpoint resumes to the same parameters.
+
+The job runs as ``python -m wtjax.main`` in a subprocess, killed as soon as an orbax tmp
+directory of a later checkpoint appears; rerunning the same command must end with parameters
+bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from train_utils import (
+    ROOT,
+    assert_trees_equal,
+    checkpoint_steps,
+    load_config,
+    read_params,
+    run_main,
+    subprocess_env,
+)
+
+from wtjax.train import train_and_evaluate
+
+STEPS, EVERY = 40, 10
+FLAGS = [
+    f"--config=configs/tiny.py:steps={STEPS}",
+    f"--config.checkpoint_every_steps={EVERY}",
+    "--config.keep_checkpoints=5",
+    "--config.log_every_steps=10",
+    "--config.tensorboard=False",
+]
+
+
+def test_kill_mid_save_then_rerun_matches_uninterrupted(tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wtjax.main", *FLAGS, f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + 300
+    try:
+        # Wait until checkpoint EVERY is complete and the next save is under way.
+        while time.time() < deadline and proc.poll() is None:
+            if (ckpts / str(EVERY)).is_dir() and any(
+                p.name.startswith(f"{2 * EVERY}.") for p in ckpts.iterdir()
+            ):
+                break
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    complete = checkpoint_steps(workdir)
+    assert complete and max(complete) < STEPS
+
+    rerun = run_main([*FLAGS, f"--workdir={workdir}"], timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from checkpoint at step {max(complete)}" in rerun.stdout
+    assert not [p for p in ckpts.iterdir() if "tmp" in p.name]
+
+    reference = tmp_path / "straight"
+    config = load_config(
+        "tiny", f"steps={STEPS}", checkpoint_every_steps=EVERY, tensorboard=False, num_devices=1
+    )
+    train_and_evaluate(config, reference)
+    assert_trees_equal(read_params(workdir, STEPS), read_params(reference, STEPS))

@@ -1,0 +1,132 @@
+r"""Analyse trained runs: layer-to-layer CKA heatmaps and per-layer linear probes.
+
+    python -m wtjax.analysis.run --workdir=runs/multi --workdir=runs/same --out=analysis/ \
+        --num_examples=1000
+
+For every ``--workdir`` of the training job it rebuilds the model from ``config.json``, restores
+the newest checkpoint, and runs ``--num_examples`` examples of the run's eval split through the
+model with ``return_intermediates=True``. The layers are the stem output, the state after every
+reuse of each tied block (``block_outputs``) and the pooled features. It writes, in ``--out``:
+
+* ``<run>_cka.png`` / ``<run>_cka.npy``: the layer-by-layer linear CKA matrix (minibatch unbiased
+  estimator over batches of ``--cka_batch`` examples; the biased one with ``--cka_batch=0``);
+* ``probes.png``: linear-probe accuracy per layer for every run: a logistic regression fitted on
+  the first half of the examples' pooled layer outputs and scored on the second half;
+* ``analysis.json``: all numbers, with the split they came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_dict
+
+from wtjax.analysis import cka, plots, probes
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", None, "Run directory of the training job (repeatable).", required=True)
+flags.DEFINE_string("out", "analysis", "Where to write the plots and analysis.json.")
+flags.DEFINE_integer("num_examples", 1000, "Eval examples to analyse (half fit the probes).")
+flags.DEFINE_integer("cka_batch", 250, "Minibatch size of the unbiased CKA estimator (0: biased, all).")
+
+
+def load_run(workdir: str | Path):
+    """``(config, model, variables, dataset)`` of a finished or interrupted training run."""
+    import orbax.checkpoint as ocp
+
+    from wtjax import config_schema, input_pipeline, pruning
+
+    workdir = Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: is {workdir} a workdir of `python -m wtjax.main`?")
+    config = config_dict.ConfigDict(json.loads(config_file.read_text()))
+    dataset = input_pipeline.create_dataset(config.data, seed=config.seed)
+    model = config_schema.build_model(config.model, dataset.num_classes)
+    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = pruning.model_variables(state["params"], state.get("masks"))
+    return config, model, variables, dataset, step
+
+
+def layer_features(model, variables, dataset, num_examples: int) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """Names, per-layer features ``(n, ...)`` and labels of the first ``num_examples`` eval examples."""
+
+    @jax.jit
+    def forward(images):
+        _, out = model.apply(variables, images, train=False, return_intermediates=True)
+        return out
+
+    names, layers, labels = None, None, []
+    seen = 0
+    for batch in dataset.eval_batches(min(256, num_examples)):
+        real = batch["mask"] > 0
+        out = jax.device_get(forward(jnp.asarray(batch["image"])))
+        stages = out["block_outputs"] if isinstance(out["block_outputs"], tuple) else (out["block_outputs"],)
+        batch_layers = [out["stem"]] + [stage[i] for stage in stages for i in range(len(stage))] + [out["pre_logits"]]
+        if names is None:
+            names = ["stem"]
+            for s, stage in enumerate(stages):
+                prefix = f"s{s + 1}." if len(stages) > 1 else ""
+                names += [f"{prefix}{i + 1}" for i in range(len(stage))]
+            names.append("pool")
+            layers = [[] for _ in names]
+        for store, feature in zip(layers, batch_layers, strict=True):
+            store.append(np.asarray(feature)[real].astype(np.float32))
+        labels.append(batch["label"][real])
+        seen += int(real.sum())
+        if seen >= num_examples:
+            break
+    feats = [np.concatenate(f)[:num_examples] for f in layers]
+    return names, feats, np.concatenate(labels)[:num_examples]
+
+
+def analyse(workdirs, out_dir, num_examples=1000, cka_batch=250) -> dict:
+    """Run CKA and probes for every workdir; write plots and ``analysis.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, curves = {}, {}
+    for workdir in workdirs:
+        run = Path(workdir).name
+        config, model, variables, dataset, step = load_run(workdir)
+        names, feats, labels = layer_features(model, variables, dataset, num_examples)
+        n = len(labels)
+        matrix = cka.cka_matrix(feats, batch_size=cka_batch or None)
+        np.save(out_dir / f"{run}_cka.npy", matrix)
+        plots.cka_heatmap(matrix, names, str(out_dir / f"{run}_cka.png"), title=f"{run}: linear CKA")
+        half = n // 2
+        accuracy = probes.probe_layers(
+            [f[:half] for f in feats], labels[:half], [f[half:] for f in feats], labels[half:]
+        )
+        curves[run] = accuracy
+        results[run] = {
+            "workdir": str(workdir),
+            "checkpoint_step": step,
+            "model": config.model.to_dict(),
+            "layers": names,
+            "cka": matrix.tolist(),
+            "probe_accuracy": accuracy,
+            "examples": n,
+            "split": f"{dataset.eval_split}; probes fitted on the first {half}, scored on the other {n - half}",
+        }
+        print(f"{run}: step {step}, probe accuracy per layer " + " ".join(f"{a:.3f}" for a in accuracy))
+    plots.probe_curve(curves, names, str(out_dir / "probes.png"))
+    (out_dir / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main(argv):
+    del argv
+    analyse(FLAGS.workdir, FLAGS.out, FLAGS.num_examples, FLAGS.cka_batch)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,15 @@
+"""Data loading internals behind :mod:`wtjax.input_pipeline` (the public entry point).
+
+Modules, one responsibility each:
+
+- ``sources``: random-access image sources (in-memory uint8 arrays, tfds data sources).
+- ``augment``: vectorised NumPy random crop / flip and normalisation.
+- ``dataset``: the :class:`~wtjax.data.dataset.Dataset` (splits, deterministic batching,
+  per-process slicing, padded evaluation).
+- ``cifar_files``: the official CIFAR-10 binary and python-pickle releases.
+- ``image_folder``: ``<dir>/<class>/*.jpg|png`` trees, decoded with a thread pool and cached.
+- ``tfds_source``: tensorflow-datasets data sources (no TensorFlow needed to read).
+- ``builtin``: scikit-learn's bundled digits and a synthetic learnable dataset.
+
+Nothing here is imported by ``import wtjax``; tensorflow-datasets is imported lazily.
+"""

@@ -1,0 +1,157 @@
+"""Class-folder image trees: ``<root>/<class>/*.jpg|png`` (optionally ``<root>/{train,test}/...``).
+
+Images are decoded once with PIL in a thread pool (PIL releases the GIL while decoding) and the
+uint8 array is cached as ``.npz`` in a cache directory, keyed by the tree's path and every file's
+relative name, size and mtime, so a changed, added or removed file invalidates the cache. Classes
+are the sorted sub-folder names (for the CIFAR-10 copy this is the usual airplane..truck order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from wtjax.data.sources import ArraySource, DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+TRAIN_DIRS = ("train",)
+TEST_DIRS = ("test", "val", "validation")
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    """``$WTJAX_CACHE_DIR`` if set, else ``~/.cache/wtjax``."""
+    return os.environ.get("WTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "wtjax")
+
+
+def subdirs(path: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``path``."""
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def split_dirs(root: str) -> tuple[str, str | None]:
+    """Returns ``(train_dir, test_dir or None)`` for ``root``.
+
+    ``root/train/<class>/`` (with optional ``root/test|val|validation/<class>/``) or, when there is
+    no ``train`` folder, ``root/<class>/`` as the training split with no test split.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist or is not a directory")
+    subs = subdirs(root)
+    train = next((d for d in TRAIN_DIRS if d in subs), None)
+    if train is None:
+        return root, None
+    test = next((d for d in TEST_DIRS if d in subs), None)
+    return os.path.join(root, train), (os.path.join(root, test) if test else None)
+
+
+def list_files(split_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Lists ``(class names, [(path, label), ...])`` and rejects empty classes / non-image files."""
+    classes = subdirs(split_dir)
+    if not classes:
+        raise DataError(f"{split_dir!r} has no class sub-folders; expected <dir>/<class>/*.jpg|png")
+    files = []
+    for label, cls in enumerate(classes):
+        cdir = os.path.join(split_dir, cls)
+        names = sorted(e.name for e in os.scandir(cdir) if e.is_file() and not e.name.startswith("."))
+        if not names:
+            raise DataError(f"class folder {cdir!r} is empty")
+        bad = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)]
+        if bad:
+            raise DataError(f"{cdir!r} holds non-image file(s) {bad[:3]}; allowed: {IMAGE_EXTENSIONS}")
+        files.extend((os.path.join(cdir, n), label) for n in names)
+    return classes, files
+
+
+def _cache_key(split_dir: str, files: list[tuple[str, int]], expected_shape) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{os.path.abspath(split_dir)}|{expected_shape}".encode())
+    for path, label in files:
+        st = os.stat(path)
+        h.update(f"|{os.path.relpath(path, split_dir)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # local: only this loader needs PIL
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot decode image {path!r}: {e}") from e
+
+
+def decode_all(paths: list[str], expected_shape: tuple[int, int, int] | None, workers: int) -> np.ndarray:
+    """Decodes ``paths`` to one uint8 ``[N, H, W, 3]`` array; every image must have one shape.
+
+    ``expected_shape`` None means "the shape of the first image".
+    """
+    first = _decode(paths[0])
+    shape = tuple(expected_shape) if expected_shape is not None else first.shape
+    out = np.empty((len(paths), *shape), np.uint8)
+
+    def put(i: int) -> None:
+        img = first if i == 0 else _decode(paths[i])
+        if img.shape != shape:
+            raise DataError(
+                f"image {paths[i]!r} has shape {img.shape}, expected {shape} (all images must match)"
+            )
+        out[i] = img
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # list() re-raises the first worker exception here.
+        list(pool.map(put, range(len(paths)), chunksize=256))
+    return out
+
+
+def load_split(
+    split_dir: str,
+    *,
+    expected_shape: tuple[int, int, int] | None = None,
+    cache_dir: str | None = None,
+    workers: int | None = None,
+) -> tuple[list[str], ArraySource]:
+    """Loads one class-folder split, using the decoded-array cache when it is valid.
+
+    Args:
+      split_dir: ``<split_dir>/<class>/<image files>``.
+      expected_shape: required ``(H, W, 3)``, or None to take the first image's shape.
+      cache_dir: where to keep ``.npz`` caches (None: :func:`default_cache_dir`; ``''`` disables).
+      workers: decoding threads (None: ``min(8, os.cpu_count())``).
+
+    Returns:
+      ``(class names, source)``.
+    """
+    classes, files = list_files(split_dir)
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    key = _cache_key(split_dir, files, expected_shape)
+    cache = os.path.join(cache_dir, f"image_folder-{os.path.basename(os.path.abspath(split_dir))}-{key}.npz")
+    if cache_dir and os.path.isfile(cache):
+        with np.load(cache, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+        logging.info("loaded %d decoded images of %s from cache %s", len(labels), split_dir, cache)
+        return classes, ArraySource(images, labels, what=split_dir)
+    workers = workers or min(8, os.cpu_count() or 1)
+    images = decode_all([p for p, _ in files], expected_shape, workers)
+    labels = np.asarray([lab for _, lab in files], np.int32)
+    if cache_dir:
+        _write_cache(cache, images, labels)
+    return classes, ArraySource(images, labels, what=split_dir)
+
+
+def _write_cache(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+    # Write to a temporary file and rename, so concurrent processes never read a partial cache.
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(tmp, path)
+        logging.info("cached decoded images at %s", path)
+    except OSError as e:  # a read-only home must not stop training
+        logging.warning("could not write image cache %s: %s", path, e)

@@ -1,0 +1,85 @@
+"""Random-access image sources: ``len(source)`` and ``source.get(indices) -> (images, labels)``.
+
+A source holds one split. Images come back as uint8 NHWC, labels as int32. Everything above
+(splitting, shuffling, batching) only ever asks a source for rows by index, so in-memory arrays
+and lazily-decoding tfds data sources are interchangeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad, corrupt, mismatched or missing input data (the message says what and where)."""
+
+
+class Source(Protocol):
+    """One split of a dataset with random access by integer index."""
+
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(uint8 [n, H, W, C], int32 [n])`` for the given indices."""
+        ...
+
+
+class ArraySource:
+    """A split held in memory as a uint8 NHWC array and integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, what: str = "arrays"):
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{what}: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise DataError(f"{what}: {images.shape[0]} images but labels of shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{what}: labels must be integers, got {labels.dtype}")
+        self.images = images
+        self.labels = labels.astype(np.int32)
+        self.image_shape = tuple(int(d) for d in images.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+
+class RecordSource:
+    """A split backed by a random-access sequence of ``{'image', 'label'}`` records.
+
+    This wraps ``tfds.data_source`` (array_record files, decoded on access, no TensorFlow), so
+    large datasets such as ImageNet 32x32 are never fully loaded: a batch decodes only its rows.
+    Every record is checked against ``image_shape`` so a mismatched dataset fails loudly.
+    """
+
+    def __init__(self, records: Sequence[Any], image_shape: tuple[int, int, int], *, what: str):
+        self._records = records
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self._what = what
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(indices)
+        images = np.empty((n, *self.image_shape), np.uint8)
+        labels = np.empty((n,), np.int32)
+        for k, i in enumerate(np.asarray(indices).tolist()):
+            rec = self._records[i]
+            img = np.asarray(rec["image"])
+            if img.shape != self.image_shape or img.dtype != np.uint8:
+                raise DataError(
+                    f"{self._what}: record {i} has image {img.dtype} {img.shape}, expected uint8 "
+                    f"{self.image_shape}"
+                )
+            images[k] = img
+            labels[k] = int(rec["label"])
+        return images, labels

@@ -1,0 +1,39 @@
+"""Command-line entry point, intentionally tiny: everything testable lives in :mod:`wtjax.train`.
+
+    python -m wtjax.main --config=configs/digits_quickstart.py --workdir=/tmp/wtjax_quickstart
+    python -m wtjax.main --config=configs/cifar_resnet.py:mask_mode=same,density=0.3 \\
+        --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
+
+Rerunning the same command resumes from the newest checkpoint in the workdir. A notebook does the
+same with ``train.train_and_evaluate(get_config(), workdir)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from wtjax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: ./runs/<config.name>).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # orbax logs every save at INFO; keep the console for the job's own lines.
+        logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    train.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
