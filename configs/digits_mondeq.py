@@ -12,7 +12,8 @@ from wtjax import config_schema as cs
 
 ARGS = dict(
     arch="fc",  # fc (mondeq_fc) | conv (mondeq_conv, single circular convolution)
-    width=64,  # FC hidden units / conv channels
+    width=0,  # FC hidden units / conv channels; 0: fc 64, conv 16 (the FFT-based conv layer costs
+    # O(H W n^2) per solver iteration: 64 channels take seconds per step on a CPU)
     parametrization="full",  # full | no_a | no_b | none (W = (1-m)I)
     solver="pr",  # pr (Peaceman-Rachford) | fb (forward-backward)
     alpha=1.0,  # splitting step (fb needs alpha < 2m/||I-W||^2)
@@ -28,7 +29,8 @@ ARGS = dict(
 def model_and_pruning(a):
     """``(config.model, config.pruning)`` shared by the digits and CIFAR-10 monDEQ configs."""
     name = {"fc": "mondeq_fc", "conv": "mondeq_conv"}[a.arch]
-    size = dict(width=a.width) if a.arch == "fc" else dict(channels=a.width)
+    width = a.width or {"fc": 64, "conv": 16}[a.arch]
+    size = dict(width=width) if a.arch == "fc" else dict(channels=width)
     solver = dict(parametrization=a.parametrization, solver=a.solver, alpha=a.alpha)
     if a.m >= 0:
         solver["m"] = a.m

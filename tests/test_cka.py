@@ -49,6 +49,8 @@ def test_probe_finds_linearly_separable_classes_and_not_noise():
     labels = rng.integers(0, 3, size=300)
     separable = np.eye(3)[labels] * 4.0 + rng.normal(size=(300, 3))
     noise = rng.normal(size=(300, 3))
-    acc = probes.probe_layers([separable[:200], noise[:200]], labels[:200], [separable[200:], noise[200:]], labels[200:])
+    acc = probes.probe_layers(
+        [separable[:200], noise[:200]], labels[:200], [separable[200:], noise[200:]], labels[200:]
+    )
     assert acc[0] > 0.9 and acc[1] < 0.6
     assert probes.pool(np.ones((2, 4, 4, 5))).shape == (2, 5)

@@ -409,7 +409,14 @@ def test_holdout_and_eval_subset_are_not_class_ordered():
     labels = np.repeat(np.arange(10), 100)  # class-ordered, like a class-folder copy
     source = ArraySource(np.zeros((1000, 4, 4, 1), np.uint8), labels)
     ds = make_dataset(
-        "ordered", train=source, test=None, num_classes=10, mean=(0.0,), std=(1.0,), seed=0, holdout=200,
+        "ordered",
+        train=source,
+        test=None,
+        num_classes=10,
+        mean=(0.0,),
+        std=(1.0,),
+        seed=0,
+        holdout=200,
         eval_subset=50,
     )
     eval_labels = np.concatenate([b["label"][b["mask"] > 0] for b in ds.eval_batches(25)])

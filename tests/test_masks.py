@@ -79,7 +79,9 @@ def test_custom_predicate_selects_by_path():
 
 def _mask_digest(seed, reuse, kind):
     spec = masks.MaskSpec(kind=kind, density=0.3, seed=seed)
-    return np.packbits(np.asarray(spec.make(masks.mask_key(seed, reuse, ("tied", "block", "k")), (3, 3, 8, 8))))
+    return np.packbits(
+        np.asarray(spec.make(masks.mask_key(seed, reuse, ("tied", "block", "k")), (3, 3, 8, 8)))
+    )
 
 
 def test_masks_are_identical_in_a_separate_process():

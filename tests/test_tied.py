@@ -78,7 +78,10 @@ def manual_loop(params, x, mode, depth=K, seed=3, kind="unstructured"):
 def test_params_live_under_tied_block_and_hold_no_masks():
     leaves = jax.tree_util.tree_leaves_with_path(PARAMS)
     paths = {tuple(k.key for k in path) for path, _ in leaves}
-    assert paths == {("params", "tied", "block", "dense", "kernel"), ("params", "tied", "block", "dense", "bias")}
+    assert paths == {
+        ("params", "tied", "block", "dense", "kernel"),
+        ("params", "tied", "block", "dense", "bias"),
+    }
     assert all(leaf.dtype == jnp.float32 for _, leaf in leaves)
 
 
@@ -185,7 +188,9 @@ def test_dropout_mode_is_stochastic_in_training_and_dense_in_evaluation():
     _close(Net(mode="dropout").apply(PARAMS, X), Net(mode="dense").apply(PARAMS, X))
 
     def run(seed):
-        return Net(mode="dropout").apply(PARAMS, X, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)})
+        return Net(mode="dropout").apply(
+            PARAMS, X, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+        )
 
     a, b = run(0), run(1)
     assert not jnp.allclose(a, b)
@@ -225,7 +230,10 @@ def _output_digest():
 
 
 def test_outputs_are_identical_in_a_separate_process():
-    code = "import sys; sys.path.insert(0, 'tests'); from test_tied import _output_digest; print(_output_digest())"
+    code = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "from test_tied import _output_digest; print(_output_digest())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(_output_digest())
 
@@ -253,7 +261,10 @@ def test_stored_masks_one_or_one_per_reuse():
     _close(Net(mode="stored", scan=False).apply(variables, X), z)
     # One stored mask of the kernel's shape is used at every reuse.
     one = {**PARAMS, "masks": {"tied": {"block": {"dense": {"kernel": per_reuse[0]}}}}}
-    one_stacked = {**PARAMS, "masks": {"tied": {"block": {"dense": {"kernel": jnp.stack([per_reuse[0]] * K)}}}}}
+    one_stacked = {
+        **PARAMS,
+        "masks": {"tied": {"block": {"dense": {"kernel": jnp.stack([per_reuse[0]] * K)}}}},
+    }
     _close(Net(mode="stored").apply(one, X), Net(mode="stored").apply(one_stacked, X))
     with pytest.raises(ValueError, match="needs the masks"):
         Net(mode="stored").apply(PARAMS, X)

@@ -86,7 +86,9 @@ def _apply_stored_masks(params, masks, reuse_index):
         if mask.ndim == leaf.ndim + 1:
             mask = mask[reuse_index]
         if mask.shape != leaf.shape:
-            raise ValueError(f"stored mask at {'/'.join(path)} has shape {mask.shape}; the parameter is {leaf.shape}")
+            raise ValueError(
+                f"stored mask at {'/'.join(path)} has shape {mask.shape}; the parameter is {leaf.shape}"
+            )
         flat_params[path] = leaf * mask.astype(leaf.dtype)
     return traverse_util.unflatten_dict(flat_params)
 
@@ -107,7 +109,7 @@ class Tied(nn.Module):
     Attributes:
       block: the Linen module to reuse (its parameters live under ``<this>/block``).
       depth: number of reuses K at training time (override per call with ``depth=``).
-      mask_mode: ``dense``, ``same``, ``multi`` or ``dropout`` (module docstring).
+      mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (module docstring).
       mask: which parameters are masked and how (:class:`wtjax.masks.MaskSpec`).
       scan: ``True`` compiles one loop body with ``nn.scan``; ``False`` is a plain Python loop
         over the same submodule, the reference the scan is tested against (compile time grows

@@ -57,7 +57,9 @@ def load_run(workdir: str | Path):
     return config, model, variables, dataset, step
 
 
-def layer_features(model, variables, dataset, num_examples: int) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+def layer_features(
+    model, variables, dataset, num_examples: int
+) -> tuple[list[str], list[np.ndarray], np.ndarray]:
     """Names, per-layer features ``(n, ...)`` and labels of the first ``num_examples`` eval examples."""
 
     @jax.jit
@@ -71,7 +73,9 @@ def layer_features(model, variables, dataset, num_examples: int) -> tuple[list[s
         real = batch["mask"] > 0
         out = jax.device_get(forward(jnp.asarray(batch["image"])))
         stages = out["block_outputs"] if isinstance(out["block_outputs"], tuple) else (out["block_outputs"],)
-        batch_layers = [out["stem"]] + [stage[i] for stage in stages for i in range(len(stage))] + [out["pre_logits"]]
+        batch_layers = (
+            [out["stem"]] + [stage[i] for stage in stages for i in range(len(stage))] + [out["pre_logits"]]
+        )
         if names is None:
             names = ["stem"]
             for s, stage in enumerate(stages):
@@ -115,7 +119,7 @@ def analyse(workdirs, out_dir, num_examples=1000, cka_batch=250) -> dict:
             "cka": matrix.tolist(),
             "probe_accuracy": accuracy,
             "examples": n,
-            "split": f"{dataset.eval_split}; probes fitted on the first {half}, scored on the other {n - half}",
+            "split": f"{dataset.eval_split}; probes fitted on the first {half}, scored on the rest",
         }
         print(f"{run}: step {step}, probe accuracy per layer " + " ".join(f"{a:.3f}" for a in accuracy))
     plots.probe_curve(curves, names, str(out_dir / "probes.png"))

@@ -3,7 +3,8 @@
 ``model = build_model(name, **fields)`` returns a Linen module whose
 ``apply(variables, images, train=..., rngs={'dropout': key})`` returns ``(logits, out)``, where
 ``out`` is a dict of named intermediates (``pre_logits`` always; per-reuse ``block_outputs`` when
-called with ``return_intermediates=True``). Variables hold a single collection, ``params``.
+called with ``return_intermediates=True``). Variables hold ``params``, plus a ``masks`` collection
+only for ties with ``mask_mode='stored'`` (see :mod:`wtjax.tied`, :mod:`wtjax.pruning`).
 Unknown model names and unknown fields fail loudly.
 """
 

@@ -82,7 +82,9 @@ class ResNetLike(nn.Module):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, depth: int | None = None, return_intermediates: bool = False):
+    def __call__(
+        self, images, *, train: bool = False, depth: int | None = None, return_intermediates: bool = False
+    ):
         """Classify ``images`` (NHWC).
 
         Returns:
@@ -106,7 +108,13 @@ class ResNetLike(nn.Module):
             shared=self.form == "tied",
             name="tied",
         )
-        result = tied(jnp.zeros_like(x), x, depth=depth, deterministic=not train, return_intermediates=return_intermediates)
+        result = tied(
+            jnp.zeros_like(x),
+            x,
+            depth=depth,
+            deterministic=not train,
+            return_intermediates=return_intermediates,
+        )
         z, zs = result if return_intermediates else (result, None)
         pooled = jnp.mean(z, axis=(1, 2))
         logits = nn.Dense(self.num_classes, name="head")(pooled)
