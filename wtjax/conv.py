@@ -18,9 +18,14 @@ handles well anywhere:
   ``k - 1 - pad_lo`` (and whatever is needed to give back the input size), convolved with the kernel
   flipped in both spatial axes and its in/out axes swapped: again an ordinary NHWC/HWIO
   convolution with stride 1;
-* kernel gradient: ``dw[kh, kw, ci, co] = sum_{n, i, j} xpad[n, s*i + kh, s*j + kw, ci] dy[n, i, j, co]``,
-  computed as one matrix product ``patches^T @ dy`` (im2col: the ``kh*kw`` strided shifts of the
-  padded input stacked on the channel axis, flattened to ``(N*Ho*Wo, kh*kw*Ci)``).
+* kernel gradient: ``dw[kh, kw, ci, co] = sum_{n, i, j} xpad[n, s*i + kh, s*j + kw, ci] dy[n, i, j, co]``.
+  At stride 1 (every tied block) it is computed as an ordinary *forward* convolution with the
+  batch and channel axes swapped (``x`` as ``(Ci, H, W, N)``, ``dy`` as an ``(Ho, Wo, N, Co)``
+  kernel); at other strides as one matrix product ``patches^T @ dy`` (im2col: the ``kh*kw``
+  strided shifts of the padded input stacked on the channel axis, flattened to
+  ``(N*Ho*Wo, kh*kw*Ci)``). Measured (batch 32, 32x32, C=64, one kernel gradient): XLA's own
+  28 ms alone but 5.3 s per iteration inside a ``lax.scan``; swapped conv 36 ms alone, 32 ms in
+  the scan; im2col matmul 72-162 ms.
 
 ``impl='xla'`` is plain ``lax.conv_general_dilated`` with XLA's own gradients (the right choice on
 GPU/TPU, which have their own convolution paths). ``impl='auto'`` resolves to ``'im2col'`` on the
@@ -87,6 +92,24 @@ def _pad_input(x, padding):
 
 
 def _kernel_grad(x, g, kernel_hw, strides, padding):
+    """The kernel gradient: a batch/channel-swapped convolution at stride 1, else im2col."""
+    if tuple(strides) == (1, 1):
+        return _kernel_grad_conv(x, g, kernel_hw, padding)
+    return _kernel_grad_im2col(x, g, kernel_hw, strides, padding)
+
+
+def _kernel_grad_conv(x, g, kernel_hw, padding):
+    """Stride 1: ``dw[kh, kw, ci, co] = sum_{n,i,j} xpad[n, i+kh, j+kw, ci] dy[n, i, j, co]`` is itself a
+    forward NHWC/HWIO convolution of ``x`` seen as ``(Ci, H, W, N)`` with ``dy`` seen as an
+    ``(Ho, Wo, N, Co)`` kernel, giving ``(Ci, kh, kw, Co)``. An ordinary forward convolution stays on
+    XLA:CPU's fast path inside loops; measured 2-4x faster than the im2col matmul here."""
+    xt = jnp.transpose(x, (3, 1, 2, 0))
+    gt = jnp.transpose(g, (1, 2, 0, 3))
+    dw = _conv(xt, gt, (1, 1), padding)
+    return jnp.transpose(dw[:, : kernel_hw[0], : kernel_hw[1]], (1, 2, 0, 3))
+
+
+def _kernel_grad_im2col(x, g, kernel_hw, strides, padding):
     """``dw = patches(x)^T @ dy`` with ``patches`` of shape ``(N*Ho*Wo, kh*kw*Ci)`` (HWIO order)."""
     n, oh, ow, co = g.shape
     ci = x.shape[-1]
