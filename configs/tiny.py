@@ -28,7 +28,7 @@ def get_config(arg=None):
         seed=a.seed,
         model=model,
         data=data,
-        optim=cs.optim_config("adam", 1e-2, schedule="cosine", warmup_epochs=0.0, weight_decay=2.5e-6),
+        optim=cs.optim_config("adam", 1e-2, schedule="cosine", warmup_epochs=0.25, weight_decay=2.5e-6),
         batch_size=8,
         num_train_steps=a.steps,
         log_every_steps=2,

@@ -16,13 +16,10 @@ from train_utils import (
     ROOT,
     assert_trees_equal,
     checkpoint_steps,
-    load_config,
     read_params,
     run_main,
     subprocess_env,
 )
-
-from wtjax.train import train_and_evaluate
 
 STEPS, EVERY = 40, 10
 FLAGS = [
@@ -65,9 +62,10 @@ def test_kill_mid_save_then_rerun_matches_uninterrupted(tmp_path):
     assert f"resumed from checkpoint at step {max(complete)}" in rerun.stdout
     assert not [p for p in ckpts.iterdir() if "tmp" in p.name]
 
+    # The uninterrupted reference is the same command in the same kind of process: bitwise
+    # equality is a promise about one program on one machine configuration (XLA:CPU's thread
+    # partitioning of reductions can differ between processes with different device counts).
     reference = tmp_path / "straight"
-    config = load_config(
-        "tiny", f"steps={STEPS}", checkpoint_every_steps=EVERY, tensorboard=False, num_devices=1
-    )
-    train_and_evaluate(config, reference)
+    straight = run_main([*FLAGS, f"--workdir={reference}"], timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert_trees_equal(read_params(workdir, STEPS), read_params(reference, STEPS))
