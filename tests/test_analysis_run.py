@@ -10,7 +10,7 @@ from wtjax.train import train_and_evaluate
 
 
 def test_analysis_on_a_trained_checkpoint(tmp_path):
-    config = load_config("tiny", "steps=2")
+    config = load_config("tiny", "steps=4")
     config.data.num_eval = 40
     train_and_evaluate(config, tmp_path / "multi")
     results = run.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
@@ -22,4 +22,4 @@ def test_analysis_on_a_trained_checkpoint(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in res["probe_accuracy"])
     for name in ("multi_cka.png", "multi_cka.npy", "probes.png", "analysis.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "out" / "analysis.json").read_text())["multi"]["checkpoint_step"] == 2
+    assert json.loads((tmp_path / "out" / "analysis.json").read_text())["multi"]["checkpoint_step"] == 4
