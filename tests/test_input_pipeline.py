@@ -15,7 +15,7 @@ from PIL import Image
 from wtjax.data import image_folder, tfds_source
 from wtjax.data.augment import Normalizer, crop_flip, sample_crop_flip
 from wtjax.data.dataset import make_dataset
-from wtjax.data.sources import ArraySource, DataError
+from wtjax.data.sources import ArraySource, DataError, Downsampled
 from wtjax.input_pipeline import CIFAR_COPY_STATS, create_dataset
 
 
@@ -148,6 +148,21 @@ def test_holdout_is_disjoint_fixed_and_subset_applies_to_train():
 
 
 # ----------------------------------------------------------------------------- sources
+def test_downsample_is_an_exact_average_pool_and_rejects_bad_factors():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    src = Downsampled(ArraySource(images, np.arange(3)), 2)
+    got, labels = src.get(np.array([2, 0]))
+    want = images[[2, 0]].astype(np.float64).reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    assert src.image_shape == (4, 4, 3) and got.dtype == np.uint8 and labels.tolist() == [2, 0]
+    assert np.max(np.abs(got - want)) <= 0.5
+    with pytest.raises(DataError, match="divisor"):
+        Downsampled(ArraySource(images, np.arange(3)), 3)
+    ds = create_dataset({"name": "digits", "downsample": 2}, seed=0)
+    assert ds.image_shape == (8, 8, 1) and ds.crop_padding == 1
+    assert next(ds.train_batches(4))["image"].shape == (4, 8, 8, 1)
+
+
 def test_digits_shapes_normalisation_and_labels():
     ds = create_dataset({"name": "digits", "augment": True}, seed=0)
     assert (ds.name, ds.image_shape, ds.num_classes, ds.num_train, ds.num_eval) == (

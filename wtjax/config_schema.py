@@ -166,6 +166,8 @@ def data_config(name: str, **overrides) -> config_dict.ConfigDict:
             "train_subset": config_dict.placeholder(int),
             # Use only the first N evaluation examples; None: all.
             "eval_subset": config_dict.placeholder(int),
+            # Average-pool images by this integer factor (2: CIFAR 32x32 -> 16x16); 1: as stored.
+            "downsample": 1,
             # Random crop (zero padding) + horizontal flip (crop only for digits).
             "augment": True,
             "crop_padding": config_dict.placeholder(int),  # None: 4 (digits: 2)

@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any
 
-from wtjax.data import builtin, cifar_files, image_folder, tfds_source
+from wtjax.data import builtin, cifar_files, image_folder, sources, tfds_source
 from wtjax.data.dataset import Dataset, make_dataset
 from wtjax.data.sources import DataError
 
@@ -106,6 +106,9 @@ def create_dataset(data_config: Any, *, seed: int, process_index: int = 0, proce
         - ``allow_pickle`` [False]: load the python-pickle CIFAR-10 release.
         - ``holdout`` [0]: evaluate on the last N training examples after a fixed seed-0 shuffle.
         - ``train_subset`` / ``eval_subset`` [None]: keep only the first N examples.
+        - ``downsample`` [1]: average-pool images by this integer factor (2: 32x32 -> 16x16;
+          the CPU scale of the studies in experiments/). Normalisation statistics are unchanged
+          (pooling keeps the per-channel mean).
         - ``augment`` [False]: random crop with zero padding, plus horizontal flip.
         - ``crop_padding`` [image height / 8: 4 for 32x32, 2 for the 16x16 digits].
         - ``flip`` [True; digits False].
@@ -170,6 +173,10 @@ def create_dataset(data_config: Any, *, seed: int, process_index: int = 0, proce
             "synthetic",
         )
 
+    factor = int(_field(data_config, "downsample", 1))
+    if factor != 1:
+        train = sources.Downsampled(train, factor)
+        test = sources.Downsampled(test, factor) if test is not None else None
     mean = tuple(_field(data_config, "mean", stats[0]))
     std = tuple(_field(data_config, "std", stats[1]))
     # The usual CIFAR recipe pads 4 pixels on 32x32 images; keep that ratio (H / 8) on other sizes

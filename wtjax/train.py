@@ -213,6 +213,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         "eval_split": dataset.eval_split,
         "wall_time_s": wall,
     }
+    if masks is not None:  # pruning at initialisation: the fraction removed per masked leaf
+        from wtjax import pruning
+
+        summary["pruned_fraction"] = pruning.sparsity_report({**masks["params"], **masks["masks"]})
     if main:
         print(
             f"\nfinal: step {final_step}, eval accuracy {final_eval[metrics.EVAL_ACCURACY]:.4f} "

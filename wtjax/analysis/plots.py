@@ -13,22 +13,36 @@ import numpy as np  # noqa: E402
 
 def cka_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str, title: str = "Linear CKA") -> None:
     """Square heatmap of layer-to-layer CKA (the paper's Figures 3, 6 and 11); cell (i, j) = CKA(i, j)."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(labels), 0.8 + 0.45 * len(labels)))
-    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    cka_heatmaps({title: matrix}, labels, path)
+
+
+def cka_heatmaps(matrices: dict[str, np.ndarray], labels: Sequence[str], path: str) -> None:
+    """CKA heatmaps side by side on one colour scale [0, 1], one panel per ``{title: matrix}``."""
+    n, size = len(matrices), 0.45 * len(labels)
+    fig, axes = plt.subplots(1, n, figsize=(n * (1.6 + size), 0.8 + size), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], matrices.items(), strict=True):
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def probe_curve(curves: dict[str, Sequence[float]], labels: Sequence[str], path: str) -> None:
-    """Probe accuracy versus layer, one line per model (the paper's Figure 6, bottom)."""
+def probe_curve(
+    curves: dict[str, Sequence[float]],
+    labels: Sequence[str],
+    path: str,
+    errors: dict[str, Sequence[float]] | None = None,
+) -> None:
+    """Probe accuracy versus layer, one line per model (the paper's Figure 6, bottom); ``errors``
+    (e.g. the std over seeds) draws error bars."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, accuracies in curves.items():
-        ax.plot(range(len(accuracies)), accuracies, marker="o", label=name)
+        yerr = None if errors is None else errors.get(name)
+        ax.errorbar(range(len(accuracies)), accuracies, yerr=yerr, marker="o", capsize=3, label=name)
     ax.set_xticks(range(len(labels)), labels, rotation=45)
     ax.set_ylabel("linear probe accuracy")
     ax.grid(alpha=0.3)

@@ -93,36 +93,46 @@ def layer_features(
     return names, feats, np.concatenate(labels)[:num_examples]
 
 
+def analyse_run(workdir, num_examples=1000, cka_batch=250) -> dict:
+    """CKA matrix and per-layer probe accuracies of one run (JSON-serialisable, with its split)."""
+    config, model, variables, dataset, step = load_run(workdir)
+    names, feats, labels = layer_features(model, variables, dataset, num_examples)
+    n = len(labels)
+    half = n // 2
+    return {
+        "workdir": str(workdir),
+        "checkpoint_step": step,
+        "model": config.model.to_dict(),
+        "layers": names,
+        "cka": cka.cka_matrix(feats, batch_size=cka_batch or None).tolist(),
+        "probe_accuracy": probes.probe_layers(
+            [f[:half] for f in feats], labels[:half], [f[half:] for f in feats], labels[half:]
+        ),
+        "examples": n,
+        "split": f"{dataset.eval_split}; probes fitted on the first {half}, scored on the rest",
+    }
+
+
 def analyse(workdirs, out_dir, num_examples=1000, cka_batch=250) -> dict:
     """Run CKA and probes for every workdir; write plots and ``analysis.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, curves = {}, {}
+    results = {}
     for workdir in workdirs:
         run = Path(workdir).name
-        config, model, variables, dataset, step = load_run(workdir)
-        names, feats, labels = layer_features(model, variables, dataset, num_examples)
-        n = len(labels)
-        matrix = cka.cka_matrix(feats, batch_size=cka_batch or None)
+        r = results[run] = analyse_run(workdir, num_examples, cka_batch)
+        matrix = np.asarray(r["cka"])
         np.save(out_dir / f"{run}_cka.npy", matrix)
-        plots.cka_heatmap(matrix, names, str(out_dir / f"{run}_cka.png"), title=f"{run}: linear CKA")
-        half = n // 2
-        accuracy = probes.probe_layers(
-            [f[:half] for f in feats], labels[:half], [f[half:] for f in feats], labels[half:]
+        plots.cka_heatmap(matrix, r["layers"], str(out_dir / f"{run}_cka.png"), title=f"{run}: linear CKA")
+        accuracy = r["probe_accuracy"]
+        print(
+            f"{run}: step {r['checkpoint_step']}, probe accuracy per layer "
+            + " ".join(f"{a:.3f}" for a in accuracy)
         )
-        curves[run] = accuracy
-        results[run] = {
-            "workdir": str(workdir),
-            "checkpoint_step": step,
-            "model": config.model.to_dict(),
-            "layers": names,
-            "cka": matrix.tolist(),
-            "probe_accuracy": accuracy,
-            "examples": n,
-            "split": f"{dataset.eval_split}; probes fitted on the first {half}, scored on the rest",
-        }
-        print(f"{run}: step {step}, probe accuracy per layer " + " ".join(f"{a:.3f}" for a in accuracy))
-    plots.probe_curve(curves, names, str(out_dir / "probes.png"))
+    names = next(iter(results.values()))["layers"]
+    plots.probe_curve(
+        {run: r["probe_accuracy"] for run, r in results.items()}, names, str(out_dir / "probes.png")
+    )
     (out_dir / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 

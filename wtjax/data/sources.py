@@ -83,3 +83,29 @@ class RecordSource:
             images[k] = img
             labels[k] = int(rec["label"])
         return images, labels
+
+
+class Downsampled:
+    """A source whose images are average-pooled by an integer ``factor`` (e.g. 32x32 -> 16x16).
+
+    Pools on access, so it wraps in-memory and lazily decoded sources alike. Used to shrink
+    experiments to what a CPU can afford while keeping the real images and labels.
+    """
+
+    def __init__(self, source: Source, factor: int):
+        h, w, c = source.image_shape
+        if factor < 1 or h % factor or w % factor:
+            raise DataError(f"downsample={factor} must be a positive divisor of the image size {h}x{w}")
+        self._source = source
+        self._factor = int(factor)
+        self.image_shape = (h // factor, w // factor, c)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self._source.get(indices)
+        f = self._factor
+        n, h, w, c = images.shape
+        pooled = images.reshape(n, h // f, f, w // f, f, c).astype(np.float32).mean(axis=(2, 4))
+        return np.round(pooled).astype(np.uint8), labels

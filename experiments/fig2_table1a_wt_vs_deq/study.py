@@ -1,0 +1,102 @@
+"""Figure 2 / Table 1a: weight-tied models against DEQs over the same block, accuracy vs runtime.
+
+The DEQ (``configs/cifar_deq.py``) solves for the fixed point of the very ResNet-like block the
+weight-tied model repeats K = 8 times, in the paper's two training recipes (Appendix C): ``mdeq``
+(implicit differentiation, Broyden forward and backward, Adam, weight-tied pre-training for the
+first 16% of training as MDEQ's 8 of 50 epochs) and ``phantom`` (phantom gradient, 5 damped
+steps, SGD lr 0.2). CPU scale: 12 forward / 12 backward solver iterations (the DEQ papers use
+18-30 / 20-40), the same data and epochs as the weight-tied runs. Runtime is each run's median
+training step time (the training job logs it); sweeps running side by side on the same cores
+make it noisy, so it is reported relative to the fastest weight-tied model, as the paper does.
+"""
+
+from __future__ import annotations
+
+import scale as sc
+from report import figure, save, write
+
+from wtjax.sweep import accuracy, fmt, markdown_table, mean_std
+
+MODELS = (
+    (("resnet_like", "multi"), "weight-tied, multi-mask 0.5 (K = 8)"),
+    (("resnet_like", "dense"), "weight-tied, dense (K = 8)"),
+    (("deq", "mdeq"), "DEQ, implicit gradient (MDEQ recipe)"),
+    (("deq", "phantom"), "DEQ, phantom gradient"),
+)
+
+
+def runs(scale: str):
+    out = []
+    for seed in sc.SEEDS:
+        out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="multi", density=0.5))
+        out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="dense"))
+        out.append(sc.deq_run(scale, seed=seed, variant="mdeq"))
+        out.append(sc.deq_run(scale, seed=seed, variant="phantom"))
+    return out
+
+
+def _key(r):
+    t = r["tags"]
+    return (t["model"], t["variant"] if t["model"] == "deq" else t["mode"])
+
+
+def aggregate(results, out_dir, scale):
+    g: dict = {}
+    for r in results:
+        g.setdefault(_key(r), []).append(r)
+    times = {k: mean_std([r["median_step_time_s"] for r in rs]) for k, rs in g.items()}
+    unit = min((times[k][0] for k in times if k[0] == "resnet_like"), default=1.0)
+    rows, pts = [], []
+    for key, label in MODELS:
+        rs = g.get(key, [])
+        if not rs:
+            continue
+        acc = [accuracy(r) for r in rs]
+        t, t_std, _ = times[key]
+        s = rs[0]["summary"]
+        fwd = [
+            r["summary"]["train/model/deq_fwd_nstep"]
+            for r in rs
+            if "train/model/deq_fwd_nstep" in r["summary"]
+        ]
+        res = [
+            r["summary"]["train/model/deq_fwd_rel_res"]
+            for r in rs
+            if "train/model/deq_fwd_rel_res" in r["summary"]
+        ]
+        rows.append(
+            (
+                label,
+                fmt(acc),
+                f"{1000 * t:.0f} ± {1000 * t_std:.0f}",
+                f"{t / unit:.2f}x",
+                f"{s['num_params']:,}",
+                f"{mean_std(fwd)[0]:.1f} / {mean_std(res)[0]:.3f}" if fwd else "",
+            )
+        )
+        pts.append((label, t / unit, *mean_std(acc)[:2]))
+    write(
+        out_dir,
+        "# Figure 2 / Table 1a results (generated)\n\nHoldout accuracy (%) and median training "
+        "step time, mean ± std over seeds; runtime relative to the fastest weight-tied model.\n\n"
+        + markdown_table(
+            (
+                "model",
+                "holdout acc. (%)",
+                "step time (ms)",
+                "runtime",
+                "params",
+                "solver steps / rel. residual (last log)",
+            ),
+            rows,
+        ),
+    )
+    fig, (ax,) = figure(1, width=5.5)
+    for label, x, m, s in pts:
+        ax.errorbar([x], [m], yerr=[s], marker="o", capsize=3, label=label)
+    ax.set_xlabel("training time per batch (x fastest weight-tied)")
+    ax.set_ylabel("holdout accuracy (%)")
+    ax.set_title("Figure 2: weight-tied vs DEQ (ResNet-like block)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, out_dir / "fig2.png")

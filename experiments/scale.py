@@ -1,0 +1,139 @@
+"""The scales the studies run at, and the canonical runs they share.
+
+Every study builds its runs with :func:`resnet_run` / :func:`deq_run` / :func:`explicit_run`, so a
+run needed by several studies (e.g. the multi-mask depth-8 model of Figures 5, 6, 7 and 8) has one
+id and is trained once.
+
+* ``cpu``: what the shared 2-core machine affords. The local CIFAR-10 copy
+  (``$WTJAX_CIFAR_DIR``, default ``/tmp/cifar10/train``; extract it with
+  ``mkdir -p /tmp/cifar10 && tar -xJf ../shared/data/cifar10-train-jpeg.tar.xz -C /tmp/cifar10``),
+  average-pooled to 16x16, trained on a fixed 10,000 of the 45,000 non-holdout images for
+  2 epochs at batch 64 (312 steps), evaluated on the whole 5,000-image holdout (the last 5,000 training
+  images after the fixed seed-0 shuffle; never the CIFAR-10 test split). Base width 16.
+* ``paper``: the paper's recipe: tfds ``cifar10`` at 32x32, all 50,000 training images, the
+  official test split, batch 128, 150 epochs (50 for DEQs, the paper's Appendix C), base width 64.
+"""
+
+from __future__ import annotations
+
+import os
+
+from wtjax.sweep import Run
+
+SEEDS = (0, 1, 2)
+CIFAR_DIR = os.environ.get("WTJAX_CIFAR_DIR", "/tmp/cifar10/train")
+
+_JOB = {"log_every_steps": 25, "progress": False, "tensorboard": False}
+SCALES = {
+    "cpu": dict(
+        base_width=16,
+        epochs=2.0,
+        deq_epochs=2.0,
+        train_images=10_000,
+        overrides={
+            **_JOB,
+            "batch_size": 64,
+            "eval_every_steps": 0,  # evaluate once, at the end
+            "checkpoint_every_steps": 100,
+            "data.data_dir": CIFAR_DIR,
+            "data.holdout": 5000,
+            "data.train_subset": 10_000,
+            "data.downsample": 2,
+        },
+    ),
+    "paper": dict(
+        base_width=64,
+        epochs=150.0,
+        deq_epochs=50.0,
+        train_images=50_000,
+        overrides={**_JOB, "batch_size": 128},
+    ),
+}
+
+
+def scale(name: str) -> dict:
+    if name not in SCALES:
+        raise KeyError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
+    return SCALES[name]
+
+
+def width(name: str, factor: float) -> int:
+    """The base width of the scale times a width factor (the paper's Figure 8 'width scaling')."""
+    return max(1, round(scale(name)["base_width"] * factor))
+
+
+def resnet_run(
+    name: str,
+    *,
+    seed: int,
+    width_factor: float = 1.0,
+    depth: int = 8,
+    mode: str = "multi",
+    density: float = 0.5,
+    kind: str = "unstructured",
+    form: str = "tied",
+    epoch_factor: float = 1.0,
+) -> Run:
+    """The ResNet-like model of ``configs/cifar_resnet.py`` at scale ``name``.
+
+    ``mode``: dense | same | multi | dropout (DropConnect at rate ``1 - density``);
+    ``form='not_tied'``: K independent dense blocks. ``epoch_factor`` stretches training (the
+    equal-FLOP runs of Figure 7). Masks are drawn from the run seed.
+    """
+    s = scale(name)
+    if mode == "dense" or form == "not_tied":
+        density, kind = 1.0, "unstructured"
+        mode = "dense"
+    epochs = round(s["epochs"] * epoch_factor, 3)
+    w = width(name, width_factor)
+    arg = (
+        f"width={w},depth={depth},form={form},mask_mode={mode},density={density},"
+        f"mask_kind={kind},epochs={epochs},seed={seed}"
+    )
+    kind_tag = "nm" if kind == "nm" else "u"
+    rid = f"resnet_{form}_{mode}_{kind_tag}{density}_w{w}_k{depth}_e{epochs}_s{seed}"
+    tags = dict(
+        model="resnet_like",
+        form=form,
+        mode=mode,
+        density=density,
+        kind=kind,
+        width=w,
+        width_factor=width_factor,
+        depth=depth,
+        epochs=epochs,
+        seed=seed,
+    )
+    return Run(rid, "configs/cifar_resnet.py", arg, {**s["overrides"], "model.mask.seed": seed}, tags)
+
+
+def deq_run(name: str, *, seed: int, variant: str = "mdeq", f_iters: int = 12, b_iters: int = 12) -> Run:
+    """The DEQ of ``configs/cifar_deq.py`` over the same ResNet-like block (base width).
+
+    ``mdeq``: implicit differentiation with Broyden and Adam, weight-tied pre-training for the
+    first quarter of training (the paper: 8 of 50 epochs); ``phantom``: phantom gradient, SGD.
+    """
+    s = scale(name)
+    w = width(name, 1.0)
+    epochs = s["deq_epochs"]
+    pretrain_steps = (
+        int(0.16 * epochs * s["train_images"] / s["overrides"]["batch_size"]) if variant == "mdeq" else 0
+    )
+    arg = f"variant={variant},width={w},f_iters={f_iters},b_iters={b_iters},epochs={epochs},seed={seed}"
+    overrides = {
+        **s["overrides"],
+        "model.deq_pretrain_steps": pretrain_steps,
+        "model.monitor_backward": False,  # the extra adjoint solve would distort the runtime
+    }
+    rid = f"deq_{variant}_w{w}_f{f_iters}_b{b_iters}_e{epochs}_s{seed}"
+    tags = dict(model="deq", variant=variant, width=w, f_iters=f_iters, epochs=epochs, seed=seed)
+    return Run(rid, "configs/cifar_deq.py", arg, overrides, tags)
+
+
+def explicit_run(name: str, *, seed: int, size: str = "small") -> Run:
+    """ResNet-20 (``configs/cifar_resnet20.py``), the paper's explicit baseline of Table 1b."""
+    s = scale(name)
+    arg = f"size={size},form=not_tied,mask_mode=dense,epochs={s['epochs']},seed={seed}"
+    rid = f"resnet20_{size}_e{s['epochs']}_s{seed}"
+    tags = dict(model="resnet20", size=size, epochs=s["epochs"], seed=seed)
+    return Run(rid, "configs/cifar_resnet20.py", arg, dict(s["overrides"]), tags)

@@ -1,0 +1,141 @@
+"""The study runner: configs from run definitions, resumable and shareable sweeps, aggregation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wtjax import config_schema, sweep
+from wtjax.sweep import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = sorted(p.parent for p in (ROOT / "experiments").glob("*/study.py"))
+
+
+def tiny(rid="a", seed=0, **overrides):
+    return Run(rid, "configs/tiny.py", f"steps=3,seed={seed}", overrides, {"seed": seed})
+
+
+def fake_train(calls):
+    """A stand-in for the training job: records the call and writes what a finished job leaves."""
+
+    def train(config, workdir):
+        calls.append((config.seed, workdir))
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        summary = {"eval/accuracy": 0.5 + config.seed / 10, "step": 3, "num_params": 1}
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary))
+        (Path(workdir) / "metrics.jsonl").write_text(
+            json.dumps({"step": 3, "train/step_time_s": 0.25})
+            + "\n"
+            + json.dumps({"step": 3, "eval/accuracy": 0.5})
+        )
+
+    return train
+
+
+def test_load_config_applies_overrides_and_rejects_unknown_fields():
+    config = sweep.load_config(tiny(**{"data.num_train": 32, "optim.learning_rate": 0.5}))
+    assert (config.data.num_train, config.optim.learning_rate, config.num_train_steps) == (32, 0.5, 3)
+    with pytest.raises((KeyError, AttributeError), match="no_such"):
+        sweep.load_config(tiny(**{"data.no_such": 1}))
+    cmd = tiny(**{"pruning.include": ("tied/",)}).command("/w")
+    assert cmd == (
+        "python -m wtjax.main --config=configs/tiny.py:steps=3,seed=0 "
+        "--config.pruning.include=\"('tied/',)\" --workdir=/w"
+    )
+
+
+def test_execute_skips_finished_runs_and_collects_results(tmp_path):
+    runs = [tiny("a", 0), tiny("b", 1), tiny("c", 2)]
+    calls = []
+    kw = dict(
+        scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results", train_fn=fake_train(calls)
+    )
+    assert sweep.execute(runs, shard=(1, 2), **kw) == ["b"]  # every 2nd run from index 1
+    assert sweep.execute(runs, **kw) == ["a", "c"] and len(calls) == 3
+    assert sweep.execute(runs, **kw) == [] and len(calls) == 3  # all finished: nothing retrained
+    result = json.loads((tmp_path / "results" / "cpu" / "b.json").read_text())
+    assert result["summary"]["eval/accuracy"] == 0.6 and result["median_step_time_s"] == 0.25
+    assert result["eval_curve"] == [[3, 0.5]] and result["workdir"] == str(tmp_path / "runs" / "cpu" / "b")
+    # A job that finished but whose result was lost is collected, not retrained.
+    (tmp_path / "results" / "cpu" / "a.json").unlink()
+    assert sweep.execute(runs, **kw) == ["a"] and len(calls) == 3
+    loaded = sweep.load_results([tiny("a", 0), tiny("z", 9)], "cpu", tmp_path / "results")
+    assert [r["id"] for r in loaded] == ["a"]
+
+
+def test_a_run_locked_by_a_live_process_is_left_to_it_and_a_stale_lock_is_taken(tmp_path):
+    calls = []
+    kw = dict(
+        scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results", train_fn=fake_train(calls)
+    )
+    lock = tmp_path / "runs" / "cpu" / "a" / sweep.LOCK
+    lock.parent.mkdir(parents=True)
+    import socket
+
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # alive: our parent process
+    assert sweep.execute([tiny("a")], **kw) == [] and not calls
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}")
+    assert sweep.execute([tiny("a")], **kw) == ["a"] and len(calls) == 1 and not lock.exists()
+
+
+def test_a_real_tiny_run_trains_once_then_is_skipped(tmp_path):
+    kw = dict(scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results")
+    assert sweep.execute([tiny("real")], **kw) == ["real"]
+    result = json.loads((tmp_path / "results" / "cpu" / "real.json").read_text())
+    assert result["summary"]["step"] == 3 and 0.0 <= result["summary"]["eval/accuracy"] <= 1.0
+    assert result["median_step_time_s"] > 0
+    assert sweep.execute([tiny("real")], **kw) == []
+
+
+def test_shared_ids_must_agree_and_runs_are_ordered_by_seed(tmp_path):
+    def study(name, body):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "study.py").write_text(
+            "from wtjax.sweep import Run\n"
+            f"def runs(scale):\n    return {body}\n"
+            "def aggregate(results, out_dir, scale):\n    pass\n"
+        )
+        return d
+
+    one = study(
+        "one", "[Run('x', 'configs/tiny.py', 'seed=1', {}, {'seed': 1}), Run('y', 'c', '', {}, {'seed': 0})]"
+    )
+    same = study("same", "[Run('x', 'configs/tiny.py', 'seed=1', {}, {'seed': 1, 'other': 'tag'})]")
+    clash = study("clash", "[Run('x', 'configs/tiny.py', 'seed=2', {}, {'seed': 2})]")
+    assert [r.id for r in sweep.study_runs([one, same], "cpu")] == ["y", "x"]
+    with pytest.raises(ValueError, match="share the id 'x'"):
+        sweep.study_runs([one, clash], "cpu")
+
+
+def test_aggregation_helpers():
+    assert sweep.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert sweep.fmt([50.0, 52.0, 54.0]) == "52.0 ± 2.0" and sweep.fmt([50.0]) == "50.0 ± 0.0 (n=1)"
+
+    def r(seed, acc):
+        return {"tags": {"seed": seed}, "summary": {"eval/accuracy": acc}}
+
+    assert sweep.paired_gain([r(0, 0.5), r(1, 0.7), r(2, 0.9)], [r(1, 0.6), r(0, 0.5)]) == pytest.approx(
+        [0.0, 10.0]
+    )
+    table = sweep.markdown_table(("a", "b"), [(1, 2)])
+    assert table == "| a | b |\n|---|---|\n| 1 | 2 |\n"
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_study_run_builds_a_valid_config_at_both_scales(study):
+    for scale in ("cpu", "paper"):
+        runs = sweep.load_study(study).runs(scale)
+        assert runs and len({r.id for r in runs}) == len(runs)
+        assert {r.tags["seed"] for r in runs} >= {0, 1, 2}  # at least three seeds everywhere
+        for run in runs:
+            config_schema.validate(sweep.load_config(run), 10)

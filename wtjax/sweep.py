@@ -1,0 +1,338 @@
+r"""Studies as data: resumable sweeps of training-job runs, their results, and aggregation.
+
+A *study* is a folder holding ``study.py`` with two functions:
+
+* ``runs(scale) -> list[Run]``: the sweep, as data. A :class:`Run` is exactly a
+  ``python -m wtjax.main`` command (config file, config argument, ``--config.*`` overrides).
+  ``scale`` names a setting of the study (``'cpu'``: what a 2-core machine affords;
+  ``'paper'``: the paper's widths, data and epochs).
+* ``aggregate(results, out_dir, scale)``: turns the finished runs' results (dicts, see
+  :func:`collect`) into a markdown table and plots in ``out_dir``.
+
+Commands (several studies may share runs: a run is identified by its ``id`` and done once)::
+
+    python -m wtjax.sweep list experiments/fig5_masks                 # runs and exact commands
+    python -m wtjax.sweep run experiments/fig5_masks --shard=0/2      # half of the runs
+    python -m wtjax.sweep aggregate experiments/fig5_masks            # table + plots
+
+Each run trains in its own workdir ``<root>/<scale>/<id>`` with :func:`wtjax.train.train_and_evaluate`,
+so an interrupted run resumes from its last checkpoint and a finished one (``summary.json`` in
+its workdir) is skipped. Its result (the run definition, the job's summary, the eval curve and
+the median step time) is then written to ``<results>/<scale>/<id>.json``; these small files are
+what gets committed and aggregated, the workdirs (checkpoints) stay local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "experiments" / "results"
+DEFAULT_ROOT = REPO / "runs" / "studies"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training-job run: ``python -m wtjax.main --config=<config>:<arg> --config.<k>=<v>...``.
+
+    Attributes:
+      id: unique name; also the workdir and result file name. Runs with equal ids must be equal.
+      config: config file path, relative to the repository root.
+      arg: the config argument (``k=v,k=v``; see each config's ARGS).
+      overrides: ``{'data.train_subset': 10000, ...}``: dotted config paths and values.
+      tags: free-form labels the aggregator groups by (e.g. ``{'mode': 'multi', 'depth': 8}``).
+    """
+
+    id: str
+    config: str
+    arg: str = ""
+    overrides: dict = dataclasses.field(default_factory=dict)
+    tags: dict = dataclasses.field(default_factory=dict)
+
+    def command(self, workdir: str | Path) -> str:
+        """The equivalent shell command of the training job."""
+        spec = f"{self.config}:{self.arg}" if self.arg else self.config
+        parts = ["python -m wtjax.main", f"--config={spec}"]
+        parts += [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
+        parts.append(f"--workdir={workdir}")
+        return " ".join(parts)
+
+
+def _flag_value(v: Any) -> str:
+    if isinstance(v, (tuple, list)):  # a Python literal for config_flags, quoted for the shell
+        return '"' + repr(tuple(v)) + '"'
+    return shlex.quote(str(v))
+
+
+def load_config(run: Run):
+    """The run's locked ConfigDict: ``get_config(arg)`` of its file plus the overrides.
+
+    Raises:
+      KeyError/AttributeError: an override names a field the config does not have.
+    """
+    path = REPO / run.config
+    spec = importlib.util.spec_from_file_location(f"_wtjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(run.arg or None)
+    config.lock()  # an override of an unknown field fails instead of adding it
+    for dotted, value in run.overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"run {run.id}: unknown config field {dotted!r}")
+        node[leaf] = value
+    return config
+
+
+def load_study(study_dir: str | Path):
+    """Imports ``<study_dir>/study.py`` as a module."""
+    path = Path(study_dir) / "study.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a study folder holds study.py with runs() and aggregate()"
+        )
+    spec = importlib.util.spec_from_file_location(f"_wtjax_study_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.parent))  # studies may import shared helpers next to them
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent.parent))
+    return module
+
+
+def study_runs(study_dirs: Iterable[str | Path], scale: str) -> list[Run]:
+    """The runs of several studies, each id once (shared runs must be defined identically).
+
+    Ordered seed by seed (stable otherwise), so a sweep cut short has every configuration at
+    its first seeds rather than some configurations at all seeds.
+    """
+    seen: dict[str, Run] = {}
+    for d in study_dirs:
+        for run in load_study(d).runs(scale):
+            if run.id in seen and _definition(seen[run.id]) != _definition(run):
+                raise ValueError(f"two different runs share the id {run.id!r}: {seen[run.id]} vs {run}")
+            seen.setdefault(run.id, run)
+    return sorted(seen.values(), key=lambda r: r.tags.get("seed", 0))
+
+
+def _definition(run: Run) -> tuple:
+    return (run.config, run.arg, tuple(sorted(run.overrides.items())))
+
+
+def result_path(results_dir: str | Path, scale: str, run: Run) -> Path:
+    return Path(results_dir) / scale / f"{run.id}.json"
+
+
+def collect(run: Run, workdir: str | Path) -> dict:
+    """A finished run's result: definition, the job's summary, eval curve, median step time."""
+    from wtjax import metrics
+
+    workdir = Path(workdir)
+    summary = json.loads((workdir / "summary.json").read_text())
+    records = metrics.read_jsonl(workdir / "metrics.jsonl")
+    curve = [(s, r[metrics.EVAL_ACCURACY]) for s, r in sorted(records.items()) if metrics.EVAL_ACCURACY in r]
+    step_times = [r[metrics.STEP_TIME] for r in records.values() if metrics.STEP_TIME in r]
+    return {
+        "id": run.id,
+        "config": run.config,
+        "arg": run.arg,
+        "overrides": run.overrides,
+        "tags": run.tags,
+        "workdir": str(workdir),
+        "summary": summary,
+        "eval_curve": curve,
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+    }
+
+
+def execute(
+    runs: Sequence[Run],
+    *,
+    scale: str,
+    root: str | Path = DEFAULT_ROOT,
+    results_dir: str | Path = DEFAULT_RESULTS,
+    shard: tuple[int, int] = (0, 1),
+    limit: int | None = None,
+    train_fn: Callable | None = None,
+) -> list[str]:
+    """Trains every unfinished run of this shard in turn; returns the ids run now.
+
+    A run is finished when its result file exists. A run whose workdir has ``summary.json`` but
+    no result file (killed between the two) is only collected, not retrained.
+    """
+    if train_fn is None:
+        from wtjax.train import train_and_evaluate as train_fn
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    mine = [r for i, r in enumerate(runs) if i % count == index]
+    todo = [r for r in mine if not result_path(results_dir, scale, r).exists()]
+    if limit is not None:
+        todo = todo[:limit]
+    print(f"sweep: {len(mine)} runs in shard {index}/{count}, {len(todo)} to do", flush=True)
+    done = []
+    for n, run in enumerate(todo, 1):
+        workdir = Path(root) / scale / run.id
+        if result_path(results_dir, scale, run).exists() or not _claim(workdir):
+            continue  # finished or being trained by another sweep process meanwhile
+        t0 = time.perf_counter()
+        print(f"[{n}/{len(todo)}] {run.id}\n  {run.command(workdir)}", flush=True)
+        try:
+            if not (workdir / "summary.json").exists():
+                train_fn(load_config(run), str(workdir))
+            result = collect(run, workdir)
+        finally:
+            (workdir / LOCK).unlink(missing_ok=True)
+        out = result_path(results_dir, scale, run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        tmp.rename(out)  # atomic: a killed sweep leaves no partial result
+        acc = result["summary"].get("eval/accuracy")
+        print(
+            f"[{n}/{len(todo)}] {run.id}: eval accuracy {acc}, {time.perf_counter() - t0:.0f} s", flush=True
+        )
+        done.append(run.id)
+    return done
+
+
+LOCK = ".sweep.lock"
+
+
+def _claim(workdir: Path) -> bool:
+    """Takes the run's lock file, unless a live process on this host holds it.
+
+    Several ``sweep run`` processes can then share one list of runs (one per core, or per GPU)
+    without training a run twice; a lock left by a killed process is taken over.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host != socket.gethostname() or _alive(int(pid or 0)):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def load_results(runs: Sequence[Run], scale: str, results_dir: str | Path = DEFAULT_RESULTS) -> list[dict]:
+    """The results of the finished ``runs`` (missing ones are left out, and counted on stdout).
+
+    Each result carries the tags of the given run: a run shared by several studies is tagged by
+    each study in its own terms.
+    """
+    out = []
+    for r in runs:
+        if (p := result_path(results_dir, scale, r)).exists():
+            out.append({**json.loads(p.read_text()), "tags": r.tags})
+    if len(out) < len(runs):
+        print(f"aggregate: {len(runs) - len(out)} of {len(runs)} runs have no result yet", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- aggregation helpers
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan"), 0
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std, len(values)
+
+
+def group(results: Iterable[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Results grouped by the given tag names (seeds end up in the same group)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r["tags"].get(k) for k in keys), []).append(r)
+    return groups
+
+
+def accuracy(r: dict) -> float:
+    """Final eval accuracy, in percent."""
+    return 100.0 * r["summary"]["eval/accuracy"]
+
+
+def paired_gain(a: Iterable[dict], b: Iterable[dict]) -> list[float]:
+    """Accuracy of ``a`` minus ``b``, paired by seed (seeds present in both only)."""
+    by_seed = {r["tags"]["seed"]: accuracy(r) for r in b}
+    return [accuracy(r) - by_seed[r["tags"]["seed"]] for r in a if r["tags"]["seed"] in by_seed]
+
+
+def fmt(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± std (n)`` for a table cell; empty when there are no values."""
+    m, s, n = mean_std(values)
+    return "" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}" + ("" if n >= 3 else f" (n={n})")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m wtjax.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=("list", "run", "aggregate"))
+    ap.add_argument("studies", nargs="+", help="study folders (each with study.py)")
+    ap.add_argument("--scale", default="cpu", help="the studies' setting: cpu (default) or paper")
+    ap.add_argument("--root", default=str(DEFAULT_ROOT), help="parent of the run workdirs")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="parent of the result files")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many new runs")
+    args = ap.parse_args(argv)
+    runs = study_runs(args.studies, args.scale)
+    if args.action == "list":
+        for r in runs:
+            state = "done" if result_path(args.results, args.scale, r).exists() else "todo"
+            print(f"{state}  {r.command(Path(args.root) / args.scale / r.id)}")
+    elif args.action == "run":
+        i, n = (int(x) for x in args.shard.split("/"))
+        execute(
+            runs, scale=args.scale, root=args.root, results_dir=args.results, shard=(i, n), limit=args.limit
+        )
+    else:
+        for d in args.studies:
+            study = load_study(d)
+            out = Path(d) if args.scale == "cpu" else Path(d) / args.scale  # cpu: the committed tables
+            out.mkdir(parents=True, exist_ok=True)
+            study.aggregate(load_results(study.runs(args.scale), args.scale, args.results), out, args.scale)
+            print(f"aggregated {d} -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
