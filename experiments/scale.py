@@ -73,12 +73,15 @@ def resnet_run(
     kind: str = "unstructured",
     form: str = "tied",
     epoch_factor: float = 1.0,
+    recipe: str = "adam",
 ) -> Run:
     """The ResNet-like model of ``configs/cifar_resnet.py`` at scale ``name``.
 
     ``mode``: dense | same | multi | dropout (DropConnect at rate ``1 - density``);
     ``form='not_tied'``: K independent dense blocks. ``epoch_factor`` stretches training (the
-    equal-FLOP runs of Figure 7). Masks are drawn from the run seed.
+    equal-FLOP runs of Figure 7). ``recipe='sgd'``: the phantom-gradient DEQ's optimiser (SGD lr
+    0.2, weight decay 1e-4; the paper trains the weight-tied model of each DEQ comparison with the
+    DEQ's recipe) instead of the paper's Adam. Masks are drawn from the run seed.
     """
     s = scale(name)
     if mode == "dense" or form == "not_tied":
@@ -92,8 +95,15 @@ def resnet_run(
     )
     kind_tag = "nm" if kind == "nm" else "u"
     rid = f"resnet_{form}_{mode}_{kind_tag}{density}_w{w}_k{depth}_e{epochs}_s{seed}"
+    overrides = {**s["overrides"], "model.mask.seed": seed}
+    if recipe == "sgd":
+        rid = rid.replace("resnet_", "resnet_sgd_", 1)
+        overrides.update({"optim.name": "sgd", "optim.learning_rate": 0.2, "optim.weight_decay": 1e-4})
+    elif recipe != "adam":
+        raise ValueError(f"unknown recipe {recipe!r}: adam | sgd")
     tags = dict(
         model="resnet_like",
+        recipe=recipe,
         form=form,
         mode=mode,
         density=density,
@@ -104,7 +114,7 @@ def resnet_run(
         epochs=epochs,
         seed=seed,
     )
-    return Run(rid, "configs/cifar_resnet.py", arg, {**s["overrides"], "model.mask.seed": seed}, tags)
+    return Run(rid, "configs/cifar_resnet.py", arg, overrides, tags)
 
 
 def deq_run(name: str, *, seed: int, variant: str = "mdeq", f_iters: int = 12, b_iters: int = 12) -> Run:

@@ -257,6 +257,9 @@ def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path):
     assert all(int(stored[k].sum()) == 16 for k in range(2))
     head = state["masks"]["params"]["head"]["kernel"]
     assert head.size - int(head.sum()) == round(0.75 * head.size)
+    # The job's summary reports the fraction removed per masked leaf (the studies' Table 1).
+    assert result["pruned_fraction"]["head/kernel"] == pytest.approx(0.75, abs=1e-6)
+    assert result["pruned_fraction"]["tied/block/dense1/kernel"] == pytest.approx(0.75)
     # Resuming with one more step restores the same masks (they are part of the state).
     config.num_train_steps = 4
     train_and_evaluate(config, tmp_path)

@@ -69,6 +69,22 @@ def test_execute_skips_finished_runs_and_collects_results(tmp_path):
     assert [r["id"] for r in loaded] == ["a"]
 
 
+def test_a_failing_run_is_reported_after_the_others_ran(tmp_path):
+    calls = []
+    ok = fake_train(calls)
+
+    def train(config, workdir):
+        if config.seed == 1:
+            raise FloatingPointError("non-finite loss")
+        ok(config, workdir)
+
+    kw = dict(scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results", train_fn=train)
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed.*'b'"):
+        sweep.execute([tiny("a", 0), tiny("b", 1), tiny("c", 2)], **kw)
+    assert [seed for seed, _ in calls] == [0, 2] and not (tmp_path / "results" / "cpu" / "b.json").exists()
+    assert not (tmp_path / "runs" / "cpu" / "b" / sweep.LOCK).exists()
+
+
 def test_a_run_locked_by_a_live_process_is_left_to_it_and_a_stale_lock_is_taken(tmp_path):
     calls = []
     kw = dict(

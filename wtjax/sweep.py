@@ -34,6 +34,7 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ def execute(
     """Trains every unfinished run of this shard in turn; returns the ids run now.
 
     A run is finished when its result file exists. A run whose workdir has ``summary.json`` but
-    no result file (killed between the two) is only collected, not retrained.
+    no result file (killed between the two) is only collected, not retrained. A run that raises
+    is reported and skipped; the others still run, then ``RuntimeError`` names the failures.
     """
     if train_fn is None:
         from wtjax.train import train_and_evaluate as train_fn
@@ -186,10 +188,11 @@ def execute(
     if limit is not None:
         todo = todo[:limit]
     print(f"sweep: {len(mine)} runs in shard {index}/{count}, {len(todo)} to do", flush=True)
-    done = []
+    done, failed = [], []
     for n, run in enumerate(todo, 1):
         workdir = Path(root) / scale / run.id
-        if result_path(results_dir, scale, run).exists() or not _claim(workdir):
+        out = result_path(results_dir, scale, run)
+        if out.exists() or not _claim(workdir):
             continue  # finished or being trained by another sweep process meanwhile
         t0 = time.perf_counter()
         print(f"[{n}/{len(todo)}] {run.id}\n  {run.command(workdir)}", flush=True)
@@ -197,18 +200,23 @@ def execute(
             if not (workdir / "summary.json").exists():
                 train_fn(load_config(run), str(workdir))
             result = collect(run, workdir)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+            tmp.rename(out)  # atomic: a killed sweep leaves no partial result
+        except Exception:  # one broken run (e.g. a NaN) must not stop the sweep: report it at the end
+            traceback.print_exc()
+            failed.append(run.id)
+            continue
         finally:
             (workdir / LOCK).unlink(missing_ok=True)
-        out = result_path(results_dir, scale, run)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        tmp.rename(out)  # atomic: a killed sweep leaves no partial result
         acc = result["summary"].get("eval/accuracy")
         print(
             f"[{n}/{len(todo)}] {run.id}: eval accuracy {acc}, {time.perf_counter() - t0:.0f} s", flush=True
         )
         done.append(run.id)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (tracebacks above; rerun to retry): {failed}")
     return done
 
 

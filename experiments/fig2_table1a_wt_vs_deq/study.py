@@ -4,10 +4,13 @@ The DEQ (``configs/cifar_deq.py``) solves for the fixed point of the very ResNet
 weight-tied model repeats K = 8 times, in the paper's two training recipes (Appendix C): ``mdeq``
 (implicit differentiation, Broyden forward and backward, Adam, weight-tied pre-training for the
 first 16% of training as MDEQ's 8 of 50 epochs) and ``phantom`` (phantom gradient, 5 damped
-steps, SGD lr 0.2). CPU scale: 12 forward / 12 backward solver iterations (the DEQ papers use
-18-30 / 20-40), the same data and epochs as the weight-tied runs. Runtime is each run's median
-training step time (the training job logs it); sweeps running side by side on the same cores
-make it noisy, so it is reported relative to the fastest weight-tied model, as the paper does.
+steps, SGD lr 0.2, weight decay 1e-4). As in the paper, the weight-tied models of each
+comparison are trained with the DEQ's recipe: Adam for the MDEQ comparison, SGD for the phantom
+one. CPU scale: 12 forward / 12 backward solver iterations (the DEQ papers use 18-30 / 20-40),
+the same data and epochs as the weight-tied runs. Runtime is each run's median training step
+time (the training job logs it); sweeps running side by side on the same cores make it noisy, so
+it is reported relative to the fastest weight-tied model, as the paper does, and measured again
+side by side on a quiet machine in ``step_times.md`` (``experiments/benchmarks/bench_deq.py``).
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ from report import figure, save, write
 
 from wtjax.sweep import accuracy, fmt, markdown_table, mean_std
 
-MODELS = (
-    (("resnet_like", "multi"), "weight-tied, multi-mask 0.5 (K = 8)"),
-    (("resnet_like", "dense"), "weight-tied, dense (K = 8)"),
-    (("deq", "mdeq"), "DEQ, implicit gradient (MDEQ recipe)"),
-    (("deq", "phantom"), "DEQ, phantom gradient"),
+MODELS = (  # (model, variant or mask mode, optimiser recipe)
+    (("resnet_like", "multi", "adam"), "weight-tied, multi-mask 0.5 (K = 8), Adam"),
+    (("resnet_like", "dense", "adam"), "weight-tied, dense (K = 8), Adam"),
+    (("deq", "mdeq", "adam"), "DEQ, implicit gradient (MDEQ recipe: Adam)"),
+    (("resnet_like", "multi", "sgd"), "weight-tied, multi-mask 0.5 (K = 8), SGD"),
+    (("resnet_like", "dense", "sgd"), "weight-tied, dense (K = 8), SGD"),
+    (("deq", "phantom", "sgd"), "DEQ, phantom gradient (its recipe: SGD)"),
 )
 
 
 def runs(scale: str):
     out = []
     for seed in sc.SEEDS:
-        out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="multi", density=0.5))
-        out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="dense"))
+        for recipe in ("adam", "sgd"):  # each DEQ against weight-tied models trained with its recipe
+            out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="multi", density=0.5, recipe=recipe))
+            out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="dense", recipe=recipe))
         out.append(sc.deq_run(scale, seed=seed, variant="mdeq"))
         out.append(sc.deq_run(scale, seed=seed, variant="phantom"))
     return out
@@ -37,7 +43,9 @@ def runs(scale: str):
 
 def _key(r):
     t = r["tags"]
-    return (t["model"], t["variant"] if t["model"] == "deq" else t["mode"])
+    if t["model"] == "deq":
+        return ("deq", t["variant"], "adam" if t["variant"] == "mdeq" else "sgd")
+    return ("resnet_like", t["mode"], t["recipe"])
 
 
 def aggregate(results, out_dir, scale):

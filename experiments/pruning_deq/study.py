@@ -64,17 +64,10 @@ def runs(scale: str):
         out += [mondeq_run(scale, seed=seed, arch="fc", parametrization=p) for p in ("no_a", "no_b", "none")]
         out.append(mondeq_run(scale, seed=seed, arch="conv"))
         out += [mondeq_run(scale, seed=seed, arch="conv", method=m) for m in CONV_METHODS]
-        for mode in ("dense", "multi"):
-            reference = sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=0.5)
-            out.append(
-                Run(
-                    reference.id,
-                    reference.config,
-                    reference.arg,
-                    reference.overrides,
-                    dict(reference.tags, group="tied", method=f"{mode} (on the fly)", per_reuse=None),
-                )
-            )
+        for mode, label in (("dense", "dense (no masks)"), ("multi", "random (fold_in, on the fly)")):
+            ref = sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=0.5)
+            tags = dict(ref.tags, group="tied", method=label, per_reuse=(mode == "multi") or None)
+            out.append(Run(ref.id, ref.config, ref.arg, ref.overrides, tags))
         out += [
             tied_run(scale, seed=seed, method=m, per_reuse=k)
             for m in ("snip", "magnitude")
@@ -137,11 +130,11 @@ def aggregate(results, out_dir, scale):
     for (method, per_reuse), rs in sorted(
         group([r for r in results if r["tags"]["group"] == "tied"], "method", "per_reuse").items(), key=str
     ):
-        masks = {None: "", False: "one scored mask", True: "K scored masks"}[per_reuse]
+        masks = {None: "", False: "one for all reuses", True: "K (one per reuse)"}[per_reuse]
         rows.append((method, masks, fmt([accuracy(r) for r in rs])))
     text.append(
         "\n## Multi-mask tied block: scored vs random masks (ResNet-like, width 16, K = 8, 50% per reuse)\n\n"
-        + markdown_table(("masks", "", "holdout acc. (%)"), rows)
+        + markdown_table(("masks", "how many", "holdout acc. (%)"), rows)
     )
     write(out_dir, "".join(text), "results_cifar.md")
 
