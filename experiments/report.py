@@ -16,9 +16,14 @@ from wtjax.sweep import accuracy, group, mean_std  # noqa: E402
 def series(results: Sequence[dict], x: str, line: str, *, where: Callable[[dict], bool] = lambda t: True):
     """``{line value: [(x, mean, std, n), ...]}`` of final accuracy, grouping seeds together."""
     out: dict = {}
-    for (lv, xv), rs in sorted(group([r for r in results if where(r["tags"])], line, x).items(), key=str):
+    for (lv, xv), rs in sorted(group([r for r in results if where(r["tags"])], line, x).items(), key=natural):
         out.setdefault(lv, []).append((xv, *mean_std([accuracy(r) for r in rs])))
     return {k: sorted(v) for k, v in out.items()}
+
+
+def natural(item):
+    """Sort key of a ``(key tuple, value)`` item: numbers numerically, then anything else as text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0])
 
 
 def effective_train_flops(r: dict) -> float:
@@ -35,11 +40,13 @@ def effective_train_flops(r: dict) -> float:
     return 3 * fwd * images
 
 
-def errorbar_panel(ax, lines: dict, *, xlabel: str, title: str, logx: bool = False, labels=None):
-    """One panel: a line with error bars (std over seeds) per key of ``lines``."""
+def errorbar_panel(ax, lines: dict, *, xlabel: str, title: str, logx: bool = False, labels=None, colors=None):
+    """One panel: a line with error bars (std over seeds) per key of ``lines``; ``labels`` and
+    ``colors`` map keys to legend text and colours (keep a model's colour across panels)."""
     for key, pts in lines.items():
         xs, ms, ss, _ = zip(*pts, strict=True)
-        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=(labels or {}).get(key, str(key)))
+        label = (labels or {}).get(key, str(key))
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=label, color=(colors or {}).get(key))
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

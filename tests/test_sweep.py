@@ -155,3 +155,18 @@ def test_every_study_run_builds_a_valid_config_at_both_scales(study):
         assert {r.tags["seed"] for r in runs} >= {0, 1, 2}  # at least three seeds everywhere
         for run in runs:
             config_schema.validate(sweep.load_config(run), 10)
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_committed_tables_are_generated_from_the_committed_results(study, tmp_path):
+    """Every run of the CPU scale has a committed result, and aggregating them reproduces the
+    committed tables exactly (so no table was edited by hand or left stale)."""
+    module = sweep.load_study(study)
+    runs = module.runs("cpu")
+    missing = [r.id for r in runs if not sweep.result_path(sweep.DEFAULT_RESULTS, "cpu", r).exists()]
+    assert not missing, f"runs without a committed result: {missing}"
+    module.aggregate(sweep.load_results(runs, "cpu"), tmp_path, "cpu")
+    tables = sorted(tmp_path.glob("*.md"))
+    assert tables and list(tmp_path.glob("*.png"))
+    for table in tables:
+        assert table.read_text() == (study / table.name).read_text(), f"rerun the aggregation of {study.name}"

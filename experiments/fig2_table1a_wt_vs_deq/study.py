@@ -102,7 +102,7 @@ def aggregate(results, out_dir, scale):
     fig, (ax,) = figure(1, width=5.5)
     for label, x, m, s in pts:
         ax.errorbar([x], [m], yerr=[s], marker="o", capsize=3, label=label)
-    ax.set_xlabel("training time per batch (x fastest weight-tied)")
+    ax.set_xlabel("median step time in the sweep (x fastest weight-tied; noisy: see step_times.md)")
     ax.set_ylabel("holdout accuracy (%)")
     ax.set_title("Figure 2: weight-tied vs DEQ (ResNet-like block)", fontsize=10)
     ax.grid(alpha=0.3)

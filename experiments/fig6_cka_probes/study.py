@@ -1,7 +1,8 @@
 """Figure 6: layer-wise CKA similarity and per-layer linear probes, same-mask vs multi-mask.
 
-The analysis (``wtjax.analysis.run.analyse_run``) runs on the final checkpoint of each K = 8,
-density 0.5 model (and the dense weight-tied model for reference): 2,000 holdout examples; the
+The analysis (``wtjax.analysis.run.analyse_run``) runs on the final checkpoint of each K = 8
+same-mask and multi-mask model at density 0.1 (the paper's Figure 6) and 0.5 (the density of the
+other studies, whose runs these are), and of the dense weight-tied model: 2,000 holdout examples; the
 layers are the stem, the state after each of the 8 reuses, and the pooled features; CKA is the
 minibatch unbiased linear CKA (batches of 250); each probe is a logistic regression fitted on
 the first 1,000 examples and scored on the other 1,000. Per-run numbers are cached in
@@ -22,25 +23,34 @@ from wtjax.analysis import plots
 from wtjax.sweep import fmt, markdown_table
 
 MODES = {"same": "same-mask", "multi": "multi-mask", "dense": "dense"}
+DENSITIES = (0.1, 0.5)  # 0.1: the paper's Figure 6; 0.5: the other studies' density
 NUM_EXAMPLES, CKA_BATCH = 2000, 250
+CACHE = Path(__file__).resolve().parent / "analysis"  # committed: aggregating needs no checkpoints
 
 
 def runs(scale: str):
-    return [
-        sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=0.5)
-        for seed in sc.SEEDS
-        for mode in MODES
-    ]
+    out = []
+    for seed in sc.SEEDS:
+        for density in DENSITIES:
+            out += [
+                sc.resnet_run(scale, seed=seed, depth=8, mode=m, density=density) for m in ("same", "multi")
+            ]
+        out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="dense"))
+    return out
 
 
-def _analysis(result: dict, cache: Path) -> dict:
-    path = cache / f"{result['id']}.json"
+def _label(mode: str, density: float) -> str:
+    return MODES[mode] if mode == "dense" else f"{MODES[mode]} {density:g}"
+
+
+def _analysis(result: dict) -> dict:
+    path = CACHE / f"{result['id']}.json"
     if not path.exists():
         from wtjax.analysis.run import analyse_run
 
         a = analyse_run(result["workdir"], NUM_EXAMPLES, CKA_BATCH)
         a.pop("workdir")
-        cache.mkdir(parents=True, exist_ok=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(a, indent=1) + "\n")
     return json.loads(path.read_text())
 
@@ -53,17 +63,20 @@ def block_similarity(cka: np.ndarray) -> float:
 
 
 def aggregate(results, out_dir, scale):
-    by_mode: dict = {}
-    for r in results:
-        by_mode.setdefault(r["tags"]["mode"], []).append(_analysis(r, out_dir / "analysis"))
-    if not by_mode:
+    by_model: dict = {}
+    for r in sorted(
+        results, key=lambda r: (r["tags"]["mode"] == "dense", r["tags"]["density"], r["tags"]["mode"])
+    ):
+        key = _label(r["tags"]["mode"], r["tags"]["density"])
+        by_model.setdefault(key, []).append(_analysis(r))
+    if not by_model:
         return
-    layers = next(iter(by_mode.values()))[0]["layers"]
+    layers = next(iter(by_model.values()))[0]["layers"]
     mean_cka = {
-        f"{MODES[m]} (mean of {len(v)} seeds)": np.mean([a["cka"] for a in v], 0) for m, v in by_mode.items()
+        f"{k} (mean of {len(v)} seeds)": np.mean([a["cka"] for a in v], 0) for k, v in by_model.items()
     }
     plots.cka_heatmaps(mean_cka, layers, str(out_dir / "fig6_cka.png"))
-    probes = {MODES[m]: np.array([a["probe_accuracy"] for a in v]) for m, v in by_mode.items()}
+    probes = {k: np.array([a["probe_accuracy"] for a in v]) for k, v in by_model.items()}
     plots.probe_curve(
         {k: v.mean(0) for k, v in probes.items()},
         layers,
@@ -71,12 +84,10 @@ def aggregate(results, out_dir, scale):
         errors={k: v.std(0, ddof=1) if len(v) > 1 else 0 * v[0] for k, v in probes.items()},
     )
     rows = []
-    for m, v in by_mode.items():
+    for k, v in by_model.items():
         sims = [block_similarity(np.asarray(a["cka"])) for a in v]
-        p = probes[MODES[m]] * 100
-        rows.append(
-            (MODES[m], fmt(sims, 3), fmt(p[:, 1]), fmt(p[:, 4]), fmt(p[:, -2]), fmt(p[:, -1]), len(v))
-        )
+        p = 100 * probes[k]
+        rows.append((k, fmt(sims, 3), fmt(p[:, 1]), fmt(p[:, 4]), fmt(p[:, -2]), fmt(p[:, -1]), len(v)))
     write(
         out_dir,
         "# Figure 6 results (generated)\n\n"

@@ -1,22 +1,34 @@
-"""The CIFAR-10 slice of the pruning-DEQ study, through the training job (``configs/cifar_mondeq.py``
-and ``configs/cifar_resnet.py``), at the CPU scale of ``experiments/scale.py`` (16x16 pooled
-images of the local copy, evaluated on the 5,000-image holdout).
+"""The pruning-DEQ study (Pham et al., "Pruning deep equilibrium models"): pruning at
+initialisation on monotone DEQs, and scored vs random masks on the multi-mask tied block, on
+scikit-learn's digits and on the local CIFAR-10 copy, all through the training job.
 
-Groups (tags ``group``):
+Tags: ``dataset`` (digits | cifar), ``group`` (fc | conv | tied), ``method``, ``sparsity``,
+``parametrization``, ``per_reuse``, ``seed``.
 
-* ``fc``: FC monDEQ (128 hidden units; the paper's CIFAR FC model is wider), dense and pruned at
-  90% by every scorer, plus the reduced parametrisations (no A, no B, neither), 20,000 images,
-  3 epochs, batch 128, Adam 1e-3 (no decay within 3 epochs);
-* ``conv``: single-convolution monDEQ (16 channels; the paper: 81), dense and pruned at 90% by
-  random, magnitude and SNIP, 10,000 images, 1 epoch (a conv monDEQ step costs ~10x a tied step);
-* ``tied``: the multi-mask weight-tied ResNet-like model (width 16, K = 8) with scored masks
-  instead of random ones: SNIP or magnitude, one mask for all reuses or K masks (one per reuse),
-  50% of each tied kernel kept per reuse (layer scope), same recipe as ``fig5_multi_vs_same``,
-  whose random multi-mask and dense runs are the reference.
+* ``digits`` (``configs/digits_mondeq.py``, ``configs/digits_quickstart.py``): the 1,500/297
+  split of the bundled digits, 16x16x1, 10 epochs, evaluated on the 297 test images (no model
+  selection is done on them). FC monDEQ (64 units): dense and every scorer at 50/90/99% plus the
+  reduced parametrisations; single-conv monDEQ (16 channels): dense and random/magnitude/SNIP at
+  90%; the tied ResNet-like quickstart model (width 32, K = 4): dense, random masks made on the
+  fly (one for all reuses, or one per reuse) and scored masks (one, or K: one per reuse) keeping
+  50% of each tied kernel.
+* ``cifar`` (``configs/cifar_mondeq.py``, ``configs/cifar_resnet.py``, the CPU scale of
+  ``experiments/scale.py``: 16x16 images, 5,000-image holdout): FC monDEQ (128 units, 20,000
+  images, 3 epochs, batch 128) dense, every scorer at 90% and the reduced parametrisations;
+  single-conv monDEQ (16 channels, 10,000 images, 1 epoch) dense and random/magnitude/SNIP at
+  90%; the tied ResNet-like model of ``fig5_multi_vs_same`` (width 16, K = 8), whose random-mask
+  runs are the reference, with SNIP or magnitude masks.
+
+Only the implicit layer (``mon/``: U, A, B) of a monDEQ is pruned, with one global threshold;
+the tied block's kernels are pruned per layer (each kernel keeps 50% in every reuse). Scores use
+one training batch of the run's data order; SynFlow runs its iterative schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import scale as sc
 from report import figure, save, write
 
@@ -24,52 +36,108 @@ from wtjax.sweep import Run, accuracy, fmt, group, markdown_table
 
 FC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 CONV_METHODS = ("random", "magnitude", "snip")
+DIGITS_SPARSITIES = (0.5, 0.9, 0.99)
+DIGITS_EPOCHS = 10.0
+_JOB = {"log_every_steps": 25, "progress": False, "tensorboard": False}
 
 
-def mondeq_run(scale, *, seed, arch, method="none", parametrization="full", sparsity=0.9):
-    s = sc.scale(scale)
-    width, epochs, images = {"fc": (128, 3.0, 20_000), "conv": (16, 1.0, 10_000)}[arch]
-    if scale == "paper":
-        width, epochs, images = {"fc": 200, "conv": 81}[arch], 40.0, 0
-    overrides = {k: v for k, v in s["overrides"].items() if k not in ("batch_size", "data.train_subset")}
+def mondeq_run(scale, *, dataset, seed, arch, method="none", parametrization="full", sparsity=0.9):
+    """A monotone DEQ run (``arch`` fc | conv), dense (``method='none'``) or pruned at init."""
+    if dataset == "digits":
+        config, overrides = "configs/digits_mondeq.py", dict(_JOB)
+        width, epochs = {"fc": 64, "conv": 16}[arch], DIGITS_EPOCHS
+        extra = ""
+    else:
+        config = "configs/cifar_mondeq.py"
+        s = sc.scale(scale)
+        width, epochs, images = {"fc": (128, 3.0, 20_000), "conv": (16, 1.0, 10_000)}[arch]
+        if scale == "paper":
+            width, epochs, images = {"fc": 200, "conv": 81}[arch], 40.0, 0
+        overrides = {k: v for k, v in s["overrides"].items() if k not in ("batch_size", "data.train_subset")}
+        extra = f",train_subset={images}"
     arg = (
         f"arch={arch},width={width},parametrization={parametrization},method={method},sparsity={sparsity},"
-        f"epochs={epochs},train_subset={images},seed={seed}"
+        f"epochs={epochs}{extra},seed={seed}"
     )
-    rid = f"mondeq_{arch}_{parametrization}_{method}_sp{sparsity}_w{width}_e{epochs}_n{images}_s{seed}"
-    tags = dict(group=arch, method=method, parametrization=parametrization, sparsity=sparsity, seed=seed)
-    return Run(rid, "configs/cifar_mondeq.py", arg, overrides, tags)
+    rid = f"mondeq_{arch}_{parametrization}_{method}_sp{sparsity}_w{width}_e{epochs}"
+    rid = f"digits_{rid}_s{seed}" if dataset == "digits" else f"{rid}_n{images}_s{seed}"
+    tags = dict(
+        dataset=dataset,
+        group=arch,
+        method=method,
+        parametrization=parametrization,
+        sparsity=0.0 if method == "none" else sparsity,
+        seed=seed,
+    )
+    return Run(rid, config, arg, overrides, tags)
 
 
-def tied_run(scale, *, seed, method, per_reuse):
-    base = sc.resnet_run(scale, seed=seed, depth=8, mode="stored", density=1.0)
-    overrides = {
-        **base.overrides,
-        "pruning.method": method,
-        "pruning.sparsity": 0.5,
-        "pruning.scope": "layer",
-        "pruning.include": ("tied/",),
-        "pruning.per_reuse": per_reuse,
-    }
-    rid = base.id.replace("_stored_", f"_{method}{'K' if per_reuse else '1'}_")
-    tags = dict(base.tags, group="tied", method=method, per_reuse=per_reuse)
-    return Run(rid, base.config, base.arg, overrides, tags)
+def tied_run(scale, *, dataset, seed, mode, method=None, per_reuse=None):
+    """The tied ResNet-like model: ``mode`` dense | same | multi (random masks from fold_in), or
+    ``stored`` with ``method``'s scored masks (``per_reuse``: K masks, else one for all reuses)."""
+    density = 1.0 if mode == "stored" else 0.5  # stored: no random masks; pruning sets the 50%
+    variant = f"{method}{'K' if per_reuse else '1'}" if mode == "stored" else mode
+    if dataset == "digits":
+        suffix = "" if mode in ("dense", "stored") else "_d0.5"
+        base = Run(
+            f"digits_quickstart_{variant}{suffix}_w32_k4_s{seed}",
+            "configs/digits_quickstart.py",
+            f"mask_mode={mode},density={density},seed={seed}",
+            {**_JOB, "model.mask.seed": seed},
+        )
+    else:  # the runs of fig5_multi_vs_same, and scored variants of them
+        base = sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=density)
+        base = dataclasses.replace(base, id=base.id.replace("_stored_", f"_{variant}_"))
+    tags = dict(dataset=dataset, group="tied", seed=seed, per_reuse={"same": False, "multi": True}.get(mode))
+    tags["method"] = "dense (no masks)" if mode == "dense" else "random (fold_in, on the fly)"
+    overrides = dict(base.overrides)
+    if mode == "stored":
+        tags.update(method=method, per_reuse=per_reuse)
+        overrides.update(
+            {
+                "pruning.method": method,
+                "pruning.sparsity": 0.5,
+                "pruning.scope": "layer",
+                "pruning.include": ("tied/",),
+                "pruning.per_reuse": per_reuse,
+            }
+        )
+    return dataclasses.replace(base, overrides=overrides, tags={**base.tags, **tags})
 
 
 def runs(scale: str):
     out = []
     for seed in sc.SEEDS:
-        out.append(mondeq_run(scale, seed=seed, arch="fc"))
-        out += [mondeq_run(scale, seed=seed, arch="fc", method=m) for m in FC_METHODS]
-        out += [mondeq_run(scale, seed=seed, arch="fc", parametrization=p) for p in ("no_a", "no_b", "none")]
-        out.append(mondeq_run(scale, seed=seed, arch="conv"))
-        out += [mondeq_run(scale, seed=seed, arch="conv", method=m) for m in CONV_METHODS]
-        for mode, label in (("dense", "dense (no masks)"), ("multi", "random (fold_in, on the fly)")):
-            ref = sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=0.5)
-            tags = dict(ref.tags, group="tied", method=label, per_reuse=(mode == "multi") or None)
-            out.append(Run(ref.id, ref.config, ref.arg, ref.overrides, tags))
+        # digits: every scorer at three sparsities on the FC monDEQ, three on the conv monDEQ.
+        d = dict(dataset="digits", seed=seed)
+        out.append(mondeq_run(scale, **d, arch="fc"))
         out += [
-            tied_run(scale, seed=seed, method=m, per_reuse=k)
+            mondeq_run(scale, **d, arch="fc", method=m, sparsity=s)
+            for m in FC_METHODS
+            for s in DIGITS_SPARSITIES
+        ]
+        out += [mondeq_run(scale, **d, arch="fc", parametrization=p) for p in ("no_a", "no_b", "none")]
+        out.append(mondeq_run(scale, **d, arch="conv"))
+        out += [mondeq_run(scale, **d, arch="conv", method=m) for m in CONV_METHODS]
+        out += [tied_run(scale, **d, mode=m) for m in ("dense", "same", "multi")]
+        # Magnitude scores are the same for every reuse (one weight), so K magnitude masks would
+        # be K copies of one mask: only SNIP and SynFlow get the per-reuse variant.
+        out.append(tied_run(scale, **d, mode="stored", method="magnitude", per_reuse=False))
+        out += [
+            tied_run(scale, **d, mode="stored", method=m, per_reuse=k)
+            for m in ("snip", "synflow")
+            for k in (False, True)
+        ]
+        # CIFAR-10: every scorer at 90%.
+        c = dict(dataset="cifar", seed=seed)
+        out.append(mondeq_run(scale, **c, arch="fc"))
+        out += [mondeq_run(scale, **c, arch="fc", method=m) for m in FC_METHODS]
+        out += [mondeq_run(scale, **c, arch="fc", parametrization=p) for p in ("no_a", "no_b", "none")]
+        out.append(mondeq_run(scale, **c, arch="conv"))
+        out += [mondeq_run(scale, **c, arch="conv", method=m) for m in CONV_METHODS]
+        out += [tied_run(scale, **c, mode=m) for m in ("dense", "same", "multi")]
+        out += [
+            tied_run(scale, **c, mode="stored", method=m, per_reuse=k)
             for m in ("snip", "magnitude")
             for k in (False, True)
         ]
@@ -88,63 +156,89 @@ def _pruned(rs, leaf):
     return fmt(vals)
 
 
-def aggregate(results, out_dir, scale):
-    text = [
-        "# Pruning-DEQ study, CIFAR-10 slice (generated)\n\nHoldout accuracy (%) on the 5,000-image "
-        "holdout, mean ± std over seeds; forward iterations are the training mean of the last log "
-        "interval.\n"
-    ]
-    g = group(results, "group", "parametrization", "method")
-    for arch in ("fc", "conv"):
-        rows = []
-        for (grp, par, method), rs in sorted(g.items(), key=str):
-            if grp != arch:
-                continue
-            rows.append(
-                (
-                    method if method != "none" else "dense",
-                    par,
-                    fmt([accuracy(r) for r in rs]),
-                    _iters(rs),
-                    _pruned(rs, "mon/U/kernel") if method != "none" else "",
-                    _pruned(rs, "mon/A/kernel") if method != "none" else "",
-                    _pruned(rs, "mon/B/kernel") if method != "none" else "",
-                )
-            )
-        text.append(
-            f"\n## {arch.upper()} monDEQ (pruning at 90%)\n\n"
-            + markdown_table(
-                (
-                    "method",
-                    "parametrization",
-                    "holdout acc. (%)",
-                    "forward iters",
-                    "U pruned (%)",
-                    "A pruned (%)",
-                    "B pruned (%)",
-                ),
-                rows,
-            )
+def _order(item):
+    """Dense first, then the full parametrisation's scorers by sparsity, then the reduced ones."""
+    (parametrization, method, sparsity), _ = item
+    return (parametrization != "full", method != "none", str(parametrization), sparsity, method)
+
+
+def _mondeq_table(results, arch) -> str:
+    g = group([r for r in results if r["tags"]["group"] == arch], "parametrization", "method", "sparsity")
+    rows = [
+        (
+            "dense" if method == "none" else method,
+            par,
+            f"{100 * sparsity:g}%" if method != "none" else "",
+            fmt([accuracy(r) for r in rs]),
+            _iters(rs),
+            *(_pruned(rs, f"mon/{m}/kernel") if method != "none" else "" for m in "UAB"),
         )
+        for (par, method, sparsity), rs in sorted(g.items(), key=_order)
+    ]
+    headers = ("method", "parametrization", "sparsity", "accuracy (%)", "forward iters")
+    return markdown_table((*headers, "U pruned (%)", "A pruned (%)", "B pruned (%)"), rows)
+
+
+def _tied_table(results) -> str:
     rows = []
     for (method, per_reuse), rs in sorted(
-        group([r for r in results if r["tags"]["group"] == "tied"], "method", "per_reuse").items(), key=str
+        group([r for r in results if r["tags"]["group"] == "tied"], "method", "per_reuse").items(),
+        key=lambda item: (not item[0][0].startswith("dense"), str(item[0])),
     ):
         masks = {None: "", False: "one for all reuses", True: "K (one per reuse)"}[per_reuse]
         rows.append((method, masks, fmt([accuracy(r) for r in rs])))
-    text.append(
-        "\n## Multi-mask tied block: scored vs random masks (ResNet-like, width 16, K = 8, 50% per reuse)\n\n"
-        + markdown_table(("masks", "how many", "holdout acc. (%)"), rows)
-    )
-    write(out_dir, "".join(text), "results_cifar.md")
+    return markdown_table(("masks", "how many", "accuracy (%)"), rows)
 
-    fig, (ax,) = figure(1, width=6)
-    bars = [
-        (f"{m}" + (f" ({p})" if p != "full" else ""), rs)
-        for (grp, p, m), rs in sorted(g.items(), key=str)
-        if grp == "fc"
+
+def _plot_scorers(results, arch, title, path):
+    """Accuracy and forward iterations against sparsity, one line per scorer, dense dashed."""
+    full = [r for r in results if r["tags"]["group"] == arch and r["tags"]["parametrization"] == "full"]
+    if not full:
+        return
+    fig, (acc_ax, it_ax) = figure(2)
+    for (method,), rs in sorted(group(full, "method").items()):
+        pts = sorted((s, rr) for (s,), rr in group(rs, "sparsity").items())
+        accs = [[accuracy(r) for r in rr] for _, rr in pts]
+        iters = [[r["summary"]["train/model/mon_fwd_iters"] for r in rr] for _, rr in pts]
+        if method == "none":
+            acc_ax.axhline(np.mean(accs[0]), color="k", ls="--", label="dense")
+            it_ax.axhline(np.mean(iters[0]), color="k", ls="--", label="dense")
+            continue
+        xs = [100 * s for s, _ in pts]
+        for ax, v in ((acc_ax, accs), (it_ax, iters)):
+            std = [np.std(x, ddof=1) if len(x) > 1 else 0.0 for x in v]
+            ax.errorbar(xs, [np.mean(x) for x in v], yerr=std, marker="o", capsize=3, label=method)
+    for ax, label in ((acc_ax, "accuracy (%)"), (it_ax, "forward iterations (training)")):
+        ax.set_xlabel("sparsity of the implicit layer (%)")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8)
+    save(fig, path)
+
+
+DATASETS = {
+    "digits": "Digits (the 297 test images of the bundled digits; 10 epochs)",
+    "cifar": "CIFAR-10 (16x16, the 5,000-image holdout of the local training copy)",
+}
+
+
+def aggregate(results, out_dir, scale):
+    text = [
+        "# Pruning-DEQ study (generated)\n\nAccuracy (%), mean ± std over seeds; forward iterations "
+        "are the Peaceman-Rachford iterations per training step, averaged over the last log interval; "
+        "'pruned' is the fraction of each matrix the mask removes.\n"
     ]
-    ax.barh([b[0] for b in bars], [sum(map(accuracy, rs)) / len(rs) for _, rs in bars])
-    ax.set_xlabel("holdout accuracy (%)")
-    ax.set_title("FC monDEQ on CIFAR-10 (16x16), 90% pruned at init", fontsize=10)
-    save(fig, out_dir / "cifar_fc.png")
+    for dataset, heading in DATASETS.items():
+        rs = [r for r in results if r["tags"]["dataset"] == dataset]
+        if not rs:
+            continue
+        text.append(f"\n## {heading}\n")
+        for arch, name in (("fc", "FC monDEQ"), ("conv", "Single-convolution monDEQ")):
+            text.append(f"\n### {name}\n\n" + _mondeq_table(rs, arch))
+            _plot_scorers(rs, arch, f"{name}, {dataset}", out_dir / f"{dataset}_{arch}.png")
+        text.append(
+            "\n### Multi-mask tied block: scored vs random masks (50% of each tied kernel per reuse)\n\n"
+            + _tied_table(rs)
+        )
+    write(out_dir, "".join(text))
