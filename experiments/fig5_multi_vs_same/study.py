@@ -63,11 +63,7 @@ def aggregate(results, out_dir, scale):
             b.axhline(sum(accs) / len(accs), color="gray", ls=style, label=f"{label} (seed mean)")
     b.legend(fontsize=8)
     for mode in ("same", "multi"):
-        pts = {}
-        for (depth, density), rs in group(
-            [r for r in tied if r["tags"]["mode"] == mode], "depth", "density"
-        ).items():
-            pts[(depth, density)] = rs
+        pts = group([r for r in tied if r["tags"]["mode"] == mode], "depth", "density")
         xs = [sum(effective_train_flops(r) for r in rs) / len(rs) / 1e12 for rs in pts.values()]
         ys = [sum(accuracy(r) for r in rs) / len(rs) for rs in pts.values()]
         c.scatter(xs, ys, label=labels[mode], color=colors[mode])

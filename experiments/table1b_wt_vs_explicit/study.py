@@ -51,13 +51,26 @@ def aggregate(results, out_dir, scale):
         acc = [accuracy(r) for r in rs]
         s = rs[0]["summary"]
         active = s.get("accounting", {}).get("active")
-        rows.append((label, f"{s['num_params']:,}", f"{active:,}" if active else "", fmt(acc)))
+        flops = s["accounting"]["flops_per_image"] / 1e6
+        rows.append(
+            (label, f"{s['num_params']:,}", f"{active:,}" if active else "", f"{flops:.1f}M", fmt(acc))
+        )
         bars.append((label, *mean_std(acc)[:2]))
     write(
         out_dir,
         "# Table 1b results (generated)\n\nHoldout accuracy (%), mean ± std over seeds. "
-        "'active' counts the weights one forward pass uses per reuse (masked weights excluded).\n\n"
-        + markdown_table(("model", "stored params", "active params per reuse", "holdout acc. (%)"), rows),
+        "'active' counts the weights one forward pass uses per reuse (masked weights excluded); FLOPs are "
+        "the forward FLOPs per image of the training job's accounting (masked weights counted).\n\n"
+        + markdown_table(
+            (
+                "model",
+                "stored params",
+                "active params per reuse",
+                "forward FLOPs / image",
+                "holdout acc. (%)",
+            ),
+            rows,
+        ),
     )
     fig, (ax,) = figure(1, width=6)
     ax.barh([b[0] for b in bars], [b[1] for b in bars], xerr=[b[2] for b in bars], capsize=3)
