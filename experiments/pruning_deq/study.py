@@ -108,7 +108,7 @@ def tied_run(scale, *, dataset, seed, mode, method=None, per_reuse=None):
 def runs(scale: str):
     out = []
     for seed in sc.SEEDS:
-        # digits: every scorer at three sparsities on the FC monDEQ, three on the conv monDEQ.
+        # digits: every scorer at three sparsities on the FC monDEQ; three scorers at 90% on the conv one.
         d = dict(dataset="digits", seed=seed)
         out.append(mondeq_run(scale, **d, arch="fc"))
         out += [
@@ -120,8 +120,9 @@ def runs(scale: str):
         out.append(mondeq_run(scale, **d, arch="conv"))
         out += [mondeq_run(scale, **d, arch="conv", method=m) for m in CONV_METHODS]
         out += [tied_run(scale, **d, mode=m) for m in ("dense", "same", "multi")]
-        # Magnitude scores are the same for every reuse (one weight), so K magnitude masks would
-        # be K copies of one mask: only SNIP and SynFlow get the per-reuse variant.
+        # Magnitude scores are the same for every reuse (one weight), so K magnitude masks are K
+        # copies of one mask (the CIFAR-10 slice below checks it: equal accuracy): only SNIP and
+        # SynFlow get the per-reuse variant here.
         out.append(tied_run(scale, **d, mode="stored", method="magnitude", per_reuse=False))
         out += [
             tied_run(scale, **d, mode="stored", method=m, per_reuse=k)
