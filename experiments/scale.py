@@ -23,7 +23,7 @@ from wtjax.sweep import Run
 SEEDS = (0, 1, 2)
 CIFAR_DIR = os.environ.get("WTJAX_CIFAR_DIR", "/tmp/cifar10/train")
 
-_JOB = {"log_every_steps": 25, "progress": False, "tensorboard": False}
+JOB = {"log_every_steps": 25, "progress": False, "tensorboard": False}  # every study run's job settings
 SCALES = {
     "cpu": dict(
         base_width=16,
@@ -31,7 +31,7 @@ SCALES = {
         deq_epochs=2.0,
         train_images=10_000,
         overrides={
-            **_JOB,
+            **JOB,
             "batch_size": 64,
             "eval_every_steps": 0,  # evaluate once, at the end
             "checkpoint_every_steps": 100,
@@ -46,7 +46,7 @@ SCALES = {
         epochs=150.0,
         deq_epochs=50.0,
         train_images=50_000,
-        overrides={**_JOB, "batch_size": 128},
+        overrides={**JOB, "batch_size": 128},
     ),
 }
 

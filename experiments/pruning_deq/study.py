@@ -38,13 +38,12 @@ FC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 CONV_METHODS = ("random", "magnitude", "snip")
 DIGITS_SPARSITIES = (0.5, 0.9, 0.99)
 DIGITS_EPOCHS = 10.0
-_JOB = {"log_every_steps": 25, "progress": False, "tensorboard": False}
 
 
 def mondeq_run(scale, *, dataset, seed, arch, method="none", parametrization="full", sparsity=0.9):
     """A monotone DEQ run (``arch`` fc | conv), dense (``method='none'``) or pruned at init."""
     if dataset == "digits":
-        config, overrides = "configs/digits_mondeq.py", dict(_JOB)
+        config, overrides = "configs/digits_mondeq.py", dict(sc.JOB)
         width, epochs = {"fc": 64, "conv": 16}[arch], DIGITS_EPOCHS
         extra = ""
     else:
@@ -83,7 +82,7 @@ def tied_run(scale, *, dataset, seed, mode, method=None, per_reuse=None):
             f"digits_quickstart_{variant}{suffix}_w32_k4_s{seed}",
             "configs/digits_quickstart.py",
             f"mask_mode={mode},density={density},seed={seed}",
-            {**_JOB, "model.mask.seed": seed},
+            {**sc.JOB, "model.mask.seed": seed},
         )
     else:  # the runs of fig5_multi_vs_same, and scored variants of them
         base = sc.resnet_run(scale, seed=seed, depth=8, mode=mode, density=density)

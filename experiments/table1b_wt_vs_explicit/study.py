@@ -50,11 +50,9 @@ def aggregate(results, out_dir, scale):
             continue
         acc = [accuracy(r) for r in rs]
         s = rs[0]["summary"]
-        active = s.get("accounting", {}).get("active")
-        flops = s["accounting"]["flops_per_image"] / 1e6
-        rows.append(
-            (label, f"{s['num_params']:,}", f"{active:,}" if active else "", f"{flops:.1f}M", fmt(acc))
-        )
+        accounting = s["accounting"]
+        flops = accounting["flops_per_image"] / 1e6
+        rows.append((label, f"{s['num_params']:,}", f"{accounting['active']:,}", f"{flops:.1f}M", fmt(acc)))
         bars.append((label, *mean_std(acc)[:2]))
     write(
         out_dir,
