@@ -1,5 +1,8 @@
 """The im2col convolution equals XLA's convolution in value and gradient, in and out of loops."""
 
+import collections
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -144,7 +147,7 @@ def test_leading_batch_dims_and_vmap():
     np.testing.assert_allclose(g[0], g_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_choice_by_backend(monkeypatch):
+def test_auto_choice_by_backend():
     assert resolve_impl("auto", "cpu") == "im2col"
     for backend in ("gpu", "tpu", "cuda", "rocm"):
         assert resolve_impl("auto", backend) == "xla"
@@ -154,16 +157,29 @@ def test_auto_choice_by_backend(monkeypatch):
         resolve_impl("fft")
     assert jax.default_backend() == "cpu" and resolve_impl("auto") == "im2col"
 
-    # The choice reaches the traced program: the im2col path is a custom_vjp call, xla is not.
+
+def _compiled_op_counts(impl: str) -> collections.Counter:
+    """Opcode histogram of the CPU program of a kernel gradient through a 3-step scan."""
+    x, w = _data((8, 8), (3, 3))
+
+    def loss(w):
+        z, _ = jax.lax.scan(
+            lambda z, _: (jnp.tanh(conv2d(z, w, impl=impl)), None), x[..., :3], None, length=3
+        )
+        return jnp.sum(z)
+
+    hlo = jax.jit(jax.grad(loss)).lower(w[:, :, :3, :3]).compile().as_text()
+    return collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", hlo))
+
+
+def test_auto_is_chosen_by_the_lowering_platform():
+    """'auto' stages both implementations; lowering for CPU keeps im2col (TPU/GPU: tests/test_aot.py)."""
     x, w = _data((4, 4), (3, 3))
-
-    def uses_custom_vjp():
-        return "custom_vjp_call" in str(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="auto"))(x, w))
-
-    assert uses_custom_vjp()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_impl("auto") == "xla"
-    assert not uses_custom_vjp()
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="auto"))(x, w))
+    assert "platform_index" in jaxpr and "custom_vjp_call" in jaxpr
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="xla"))(x, w))
+    auto, im2col, xla = (_compiled_op_counts(impl) for impl in ("auto", "im2col", "xla"))
+    assert auto == im2col != xla
 
 
 def test_bad_inputs_fail_loudly():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -12,10 +14,15 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "experiments" / "notebooks"
 
 
-def _built():
+def _build_module():
     spec = importlib.util.spec_from_file_location("notebook_build", NOTEBOOKS / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _built():
+    module = _build_module()
     return {"quickstart_tpu": module.QUICKSTART, "analysis": module.ANALYSIS, "wt_vs_deq": module.WT_VS_DEQ}
 
 
@@ -26,6 +33,17 @@ def test_committed_notebooks_are_the_generated_ones_without_outputs():
         committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         assert [c.source for c in committed.cells] == [c.source for c in nb.cells], f"rerun build.py ({name})"
         assert all(not c.get("outputs") for c in committed.cells), f"{name} was saved with outputs"
+
+
+def test_setup_cell_is_idempotent():
+    # Run twice, as a user rerunning the cell: the second run must not move to another folder.
+    setup = _build_module().SETUP
+    script = f"import os\nfor _ in range(2):\n    exec({setup!r})\n    print(os.getcwd())"
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=NOTEBOOKS, capture_output=True, text=True, check=True
+    ).stdout
+    root = str(NOTEBOOKS.parents[1])
+    assert [line for line in out.splitlines() if not line.startswith("repository:")] == [root, root]
 
 
 @pytest.mark.parametrize("name", ["quickstart_tpu", "analysis", "wt_vs_deq"])

@@ -268,3 +268,47 @@ def test_stored_masks_one_or_one_per_reuse():
     _close(Net(mode="stored").apply(one, X), Net(mode="stored").apply(one_stacked, X))
     with pytest.raises(ValueError, match="needs the masks"):
         Net(mode="stored").apply(PARAMS, X)
+
+
+class CheckpointedNet(nn.Module):
+    """The Dense tie at ``depth`` reuses with a depth-memory mode."""
+
+    depth: int = K
+    checkpoint_every: int | str | None = None
+
+    @nn.compact
+    def __call__(self, x, return_intermediates=False):
+        tied = Tied(
+            DenseBlock(),
+            depth=self.depth,
+            mask_mode="multi",
+            mask=MaskSpec(density=0.5, seed=3),
+            checkpoint_every=self.checkpoint_every,
+            name="tied",
+        )
+        return tied(jnp.zeros_like(x), x, return_intermediates=return_intermediates)
+
+
+@pytest.mark.parametrize("depth", [4, 7])
+@pytest.mark.parametrize("every", [1, 2, 3, "sqrt"])
+def test_checkpointed_segments_equal_the_plain_scan(depth, every):
+    """Segments of ``every`` reuses (and a shorter last one) give the plain scan's outputs,
+    intermediates and gradients: only what is stored for the backward pass changes."""
+    plain, segmented = CheckpointedNet(depth), CheckpointedNet(depth, every)
+    chex.assert_trees_all_equal(segmented.init(jax.random.PRNGKey(0), X), PARAMS)
+    _close(segmented.apply(PARAMS, X, True), plain.apply(PARAMS, X, True))
+
+    def loss(model, p):
+        return jnp.sum(model.apply(p, X) ** 2)
+
+    _close(jax.grad(loss, argnums=1)(segmented, PARAMS), jax.grad(loss, argnums=1)(plain, PARAMS))
+
+
+def test_checkpointing_needs_a_valid_segment_and_a_tied_scan():
+    for bad in (0, -2, 1.5, "log", True):
+        with pytest.raises(ValueError, match="checkpoint_every"):
+            Tied(DenseBlock(), depth=4, checkpoint_every=bad)
+    with pytest.raises(ValueError, match="scan=True and shared=True"):
+        Tied(DenseBlock(), depth=4, checkpoint_every=2, shared=False)
+    with pytest.raises(ValueError, match="scan=True and shared=True"):
+        Tied(DenseBlock(), depth=4, checkpoint_every=2, scan=False)

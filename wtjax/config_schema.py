@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 from ml_collections import config_dict
 
@@ -69,6 +71,15 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(values)
 
 
+def load_config_file(path, arg: str | None = None) -> config_dict.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path`` (e.g. ``configs/cifar_resnet.py``)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_wtjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def _field_value(field: dataclasses.Field):
     """A config value for a dataclass field's default, or ``_SKIP`` if it is not plain data."""
     default = field.default
@@ -77,8 +88,10 @@ def _field_value(field: dataclasses.Field):
     if default is None:
         # Optional fields become typed placeholders so ``--config.model.x=...`` can set them.
         annotation = str(field.type)
-        kind = next((t for name, t in _TYPES.items() if name in annotation), str)
-        return config_dict.placeholder(kind)
+        kinds = [t for name, t in _TYPES.items() if name in annotation]
+        if len(kinds) > 1:
+            return None  # a union (e.g. int | str): an untyped None takes a value of any type
+        return config_dict.placeholder(kinds[0] if kinds else str)
     if isinstance(default, (bool, int, float, str, tuple)):
         return default
     return _SKIP
@@ -260,6 +273,10 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     cfg.data = data
     cfg.optim = optim
     cfg.batch_size = 128  # global batch, split over devices and processes
+    # Gradient accumulation: each step averages the gradients of this many equal micro-batches of
+    # the global batch (one micro-batch's activations in memory), then updates once: the same
+    # update as the whole batch. batch_size must be divisible by grad_accum_steps * devices.
+    cfg.grad_accum_steps = 1
     cfg.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
     cfg.num_epochs = 1.0  # length of the run in epochs of the training split ...
     cfg.num_train_steps = config_dict.placeholder(int)  # ... or in steps (overrides num_epochs)
@@ -301,7 +318,9 @@ def validate(config, num_classes: int | None = None) -> None:
     """Fail early, naming the key, on anything the training job would not use.
 
     Checks: no unknown top-level keys; the ``data`` and ``optim`` sections have exactly the known
-    fields; the model builds from ``config.model`` (unknown fields, names and mask values fail in
+    fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
+    devices is checked by :func:`wtjax.parallel.check_batch_size`); the model builds from
+    ``config.model`` (unknown fields, names and mask values fail in
     :func:`wtjax.models.build_model` / :class:`MaskSpec`).
     """
     unknown = sorted(set(config.keys()) - _TOP_LEVEL)
@@ -319,4 +338,9 @@ def validate(config, num_classes: int | None = None) -> None:
         extra = sorted(set(config[section].keys()) - set(reference.keys()))
         if extra:
             raise KeyError(f"unknown {section} field(s) {extra}; known: {sorted(reference.keys())}")
+    accum = config.grad_accum_steps
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
+    if config.batch_size % accum:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
     build_model(config.model, num_classes if num_classes is not None else config.data.num_classes)

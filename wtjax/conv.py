@@ -28,8 +28,11 @@ handles well anywhere:
   the scan; im2col matmul 72-162 ms.
 
 ``impl='xla'`` is plain ``lax.conv_general_dilated`` with XLA's own gradients (the right choice on
-GPU/TPU, which have their own convolution paths). ``impl='auto'`` resolves to ``'im2col'`` on the
-CPU backend and ``'xla'`` elsewhere (:func:`resolve_impl`).
+GPU/TPU, which have their own convolution paths). ``impl='auto'`` is ``'im2col'`` when the program is
+compiled for CPU and ``'xla'`` for every other platform. The choice is made by
+``lax.platform_dependent`` when the program is lowered, i.e. for the devices it is compiled for, not
+for the host that traces it: a TPU or GPU program compiled ahead of time on a CPU machine gets XLA's
+native convolutions (tested through deviceless compilation in ``tests/test_aot.py``).
 
 The two implementations compute the same function; the custom one supports reverse mode,
 reverse-over-reverse and forward-over-reverse (``jax.jvp`` of ``jax.grad``: Hessian-vector
@@ -57,7 +60,8 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     """The concrete implementation for ``impl`` on ``backend`` (default: ``jax.default_backend()``).
 
     ``'auto'`` is ``'im2col'`` on CPU (jax-ml/jax#12868, module docstring) and ``'xla'`` on every
-    other backend; ``'xla'`` and ``'im2col'`` are returned unchanged.
+    other backend; ``'xla'`` and ``'im2col'`` are returned unchanged. :func:`conv2d` does not call
+    this for ``'auto'``: it defers the choice to the lowering platform (module docstring).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {IMPLS}")
@@ -180,10 +184,15 @@ def conv2d(x: jax.Array, w: jax.Array, strides=(1, 1), impl: str = "auto") -> ja
     batch = x.shape[:-3]
     x4 = x.reshape((-1,) + x.shape[-3:])
     padding = same_padding(x4.shape[1:3], w.shape[:2], strides)
-    if resolve_impl(impl) == "im2col":
-        y = conv_im2col(x4, w, strides, padding)
+    fast_in_loops = functools.partial(conv_im2col, strides=strides, padding=padding)
+    native = functools.partial(_conv, strides=strides, padding=padding)
+    if impl == "auto":
+        # Both branches are traced; the one for the platform being compiled for is kept at lowering.
+        y = lax.platform_dependent(x4, w, cpu=fast_in_loops, default=native)
+    elif resolve_impl(impl) == "im2col":
+        y = fast_in_loops(x4, w)
     else:
-        y = _conv(x4, w, strides, padding)
+        y = native(x4, w)
     return y.reshape(batch + y.shape[1:])
 
 
@@ -191,7 +200,9 @@ class Conv(nn.Module):
     """NHWC convolution with SAME padding; parameters ``kernel`` (HWIO) and optional ``bias``.
 
     The parameters sit directly on this module (``<name>/kernel``), initialised like ``nn.Conv``
-    (``lecun_normal`` kernel, zero bias); inputs and parameters are promoted to a common dtype.
+    (``lecun_normal`` kernel, zero bias) and stored in float32. Inputs and parameters are cast to
+    ``dtype`` when it is set (mixed precision, :mod:`wtjax.precision`), else promoted to a common
+    dtype.
 
     Attributes:
       features: output channels.
@@ -199,6 +210,7 @@ class Conv(nn.Module):
       strides: ``(sh, sw)``; output spatial size is ``ceil(in / stride)``.
       use_bias: add a learned bias.
       impl: ``'auto'``, ``'xla'`` or ``'im2col'`` (module docstring).
+      dtype: the compute dtype (e.g. ``jnp.bfloat16``); ``None`` promotes (float32 for float32 inputs).
     """
 
     features: int
@@ -208,6 +220,7 @@ class Conv(nn.Module):
     impl: str = "auto"
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -215,6 +228,6 @@ class Conv(nn.Module):
         kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = conv2d(x, kernel, self.strides, self.impl)
         return y if bias is None else y + bias

@@ -5,7 +5,8 @@
         --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
 
 Rerunning the same command resumes from the newest checkpoint in the workdir. A notebook does the
-same with ``train.train_and_evaluate(get_config(), workdir)``.
+same with ``train.train_and_evaluate(get_config(), workdir)``. On SIGTERM (a preemption notice)
+the job saves the step it reached and exits with status 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wtjax import train
+from wtjax import preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True
@@ -31,7 +32,12 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    train.train_and_evaluate(config, workdir)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except preemption.Preempted:
+        # Saved and stopped on a preemption notice (the job printed the checkpoint): a clean stop,
+        # exit status 0; rerunning resumes. Unlike a finished run, the workdir has no summary.json.
+        return
 
 
 if __name__ == "__main__":

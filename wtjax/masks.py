@@ -154,15 +154,19 @@ def masks_for(params, spec: MaskSpec, reuse_index, scope: Path = ()) -> dict:
     }
 
 
-def apply_masks(params, spec: MaskSpec, reuse_index, scope: Path = ()):
+def apply_masks(params, spec: MaskSpec, reuse_index, scope: Path = (), dtype=None):
     """``params`` with every selected leaf multiplied by its mask at ``reuse_index``.
 
     Multiplying in the forward pass is all that is needed: autodiff then gives the shared
-    weight the sum over reuses of the masked gradients.
+    weight the sum over reuses of the masked gradients. ``dtype`` (e.g. ``jnp.bfloat16``), if
+    given, is the compute dtype: each selected leaf is cast to it first, so the product (exact:
+    masks are 0/1) and the layer using it run in it; the gradient reaches the stored leaf in its
+    own dtype through the cast.
     """
     if not params:
         return params
     flat = traverse_util.flatten_dict(params)
     for p, mask in masks_for(params, spec, reuse_index, scope).items():
-        flat[p] = flat[p] * mask.astype(flat[p].dtype)
+        leaf = flat[p] if dtype is None else flat[p].astype(dtype)
+        flat[p] = leaf * mask.astype(leaf.dtype)
     return traverse_util.unflatten_dict(flat)

@@ -74,10 +74,33 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> int:
-    """This process's share of ``global_batch``; it must divide evenly over devices and processes."""
-    if global_batch % mesh.size:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices of the mesh")
+def jit_train_step(train_step, mesh: Mesh, num_frozen: int = 0):
+    """``train_step(state, batch, *frozen)`` jitted for data parallelism over ``mesh``.
+
+    The state and the ``num_frozen`` extra arguments are replicated, the batch is split over
+    ``'data'``; the old state's buffers are donated to the new state. The training job and the
+    ahead-of-time compiler (:mod:`wtjax.aot`) compile this same program.
+    """
+    rep = replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(rep, batch_sharded(mesh)) + (rep,) * num_frozen,
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1) -> int:
+    """This process's share of ``global_batch``; it must divide evenly over devices and processes.
+
+    With gradient accumulation every micro-batch is split over all devices, so ``global_batch``
+    must be divisible by ``grad_accum_steps * mesh.size``.
+    """
+    if global_batch % (grad_accum_steps * mesh.size):
+        accum = f"grad_accum_steps {grad_accum_steps} x " if grad_accum_steps > 1 else ""
+        raise ValueError(
+            f"batch size {global_batch} is not divisible by {accum}the {mesh.size} devices of the mesh"
+        )
     return global_batch // jax.process_count()
 
 

@@ -49,7 +49,7 @@ def make_init_state(model, tx, image_shape, params_key, masks=None, params=None)
     return init_state
 
 
-def make_train_step(model, tx, schedule, dropout_key, view=None):
+def make_train_step(model, tx, schedule, dropout_key, view=None, *, grad_accum_steps=1, batch_shards=1):
     """``train_step(state, batch) -> (new_state, (step_metrics, finite))``.
 
     The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a step depends only on the
@@ -60,43 +60,113 @@ def make_train_step(model, tx, schedule, dropout_key, view=None):
     ``view(*frozen, params)``, if given, maps the trained params to the model's: LoRA passes
     the frozen pretrained weights as extra step arguments ``train_step(state, batch, *frozen)``
     (not closed over: jit would embed them in the program as constants).
+
+    Gradient accumulation (``grad_accum_steps`` > 1): the batch is cut into that many equal
+    micro-batches (:func:`micro_batches`, laid out for a batch split over ``batch_shards``
+    devices), their gradients are averaged in a ``lax.scan`` (activations of one micro-batch at a
+    time) and one optimizer update follows: the update and the metrics equal those of the whole
+    batch up to float summation order. Micro-batch ``m`` of step ``s`` uses the dropout key
+    ``fold_in(fold_in(dropout_key, s), m)`` (independent masks per micro-batch, so with dropout
+    the result is a different, equally valid draw than the large batch's).
     """
-    with_step = takes_step(model)
+    grad_fn = _grads_and_metrics(model, view)
 
     def train_step(state, batch, *frozen):
-        step = state["step"]
+        step, params, masks = state["step"], state["params"], state.get("masks")
+        step_key = jax.random.fold_in(dropout_key, step)
+        if grad_accum_steps == 1:
+            grads, step_metrics = grad_fn(params, masks, frozen, batch, step, step_key)
+        else:
 
-        def loss_fn(params):
-            kwargs = {"step": step} if with_step else {}
-            rngs = {"dropout": jax.random.fold_in(dropout_key, step)}
-            full = view(*frozen, params) if view is not None else params
-            variables = pruning.model_variables(full, state.get("masks"))  # {'params': params} unpruned
-            logits, out = model.apply(variables, batch["image"], train=True, rngs=rngs, **kwargs)
-            xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            aux = out.get("aux_loss")  # None (an empty pytree) when the model has no auxiliary loss
-            loss = xent if aux is None else xent + aux
-            return loss, (logits, xent, aux, out.get("metrics", {}))
+            def accumulate(grad_sum, indexed):
+                m, micro = indexed
+                grads, micro_metrics = grad_fn(
+                    params, masks, frozen, micro, step, jax.random.fold_in(step_key, m)
+                )
+                return jax.tree.map(jnp.add, grad_sum, grads), micro_metrics
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, xent, aux, model_metrics)), grads = grad_fn(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+            xs = (jnp.arange(grad_accum_steps), micro_batches(batch, grad_accum_steps, batch_shards))
+            # The sum is kept in (at least) float32 even for low-precision parameters.
+            zeros = jax.tree.map(
+                lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+            )
+            grad_sum, stacked = jax.lax.scan(accumulate, zeros, xs)
+            # Equal micro-batch sizes: the mean of micro-batch means is the batch mean.
+            grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grad_sum, params)
+            step_metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), stacked)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
         grad_norm = optax.tree.norm(grads)
-        step_metrics = {
-            metrics.TRAIN_LOSS: loss,
-            metrics.TRAIN_XENT: xent,
-            metrics.TRAIN_ACCURACY: jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            metrics.GRAD_NORM: grad_norm,
-            metrics.LEARNING_RATE: schedule(step),
-            **{metrics.MODEL_PREFIX + k: jnp.mean(v) for k, v in model_metrics.items()},
+        step_metrics[metrics.GRAD_NORM] = grad_norm
+        step_metrics[metrics.LEARNING_RATE] = schedule(step)
+        finite = jnp.isfinite(step_metrics[metrics.TRAIN_LOSS]) & jnp.isfinite(grad_norm)
+        new_state = {
+            **state,
+            "step": step + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
         }
-        if aux is not None:
-            step_metrics[metrics.TRAIN_AUX_LOSS] = aux
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {**state, "step": step + 1, "params": params, "opt_state": opt_state}
         return new_state, (step_metrics, finite)
 
     return train_step
+
+
+def _grads_and_metrics(model, view):
+    """``fn(params, masks, frozen, batch, step, rng) -> (grads, metrics)`` of one (micro-)batch."""
+    with_step = takes_step(model)
+
+    def loss_fn(params, masks, frozen, batch, step, rng):
+        kwargs = {"step": step} if with_step else {}
+        full = view(*frozen, params) if view is not None else params
+        variables = pruning.model_variables(full, masks)  # {'params': params} unpruned
+        logits, out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng}, **kwargs)
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        aux = out.get("aux_loss")  # None when the model has no auxiliary loss
+        loss = xent if aux is None else xent + aux
+        values = {
+            metrics.TRAIN_LOSS: loss,
+            metrics.TRAIN_XENT: xent,
+            metrics.TRAIN_ACCURACY: jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            **{metrics.MODEL_PREFIX + k: jnp.mean(v) for k, v in out.get("metrics", {}).items()},
+        }
+        if aux is not None:
+            values[metrics.TRAIN_AUX_LOSS] = aux
+        return loss, values
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_and_metrics(*args):
+        (_, values), grads = grad_fn(*args)
+        return grads, values
+
+    return grads_and_metrics
+
+
+def micro_batches(batch, grad_accum_steps: int, batch_shards: int = 1):
+    """Split every ``(B, ...)`` leaf of ``batch`` into ``(grad_accum_steps, B // grad_accum_steps, ...)``.
+
+    The batch is split over ``batch_shards`` devices along its leading axis (device ``d`` holds
+    rows ``[d*B/D, (d+1)*B/D)``). Micro-batch ``m`` takes the ``m``-th block of every device's
+    rows: ``(B,) -> (D, accum, B/(D*accum)) -> swap the first two axes -> (accum, B/accum)``. So
+    every micro-batch is again split evenly over all devices, and each device reads only rows it
+    already holds (no data moves between devices; cutting ``(B,)`` into contiguous blocks instead
+    would put micro-batch 0 on the first devices only). The micro-batches partition the batch,
+    so their mean loss is the batch's mean loss whatever the order.
+
+    Raises:
+      ValueError: ``B`` is not divisible by ``grad_accum_steps * batch_shards``.
+    """
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % (grad_accum_steps * batch_shards):
+        raise ValueError(
+            f"batch of {rows} rows is not divisible by grad_accum_steps={grad_accum_steps} x "
+            f"{batch_shards} device(s)"
+        )
+
+    def split(x):
+        x = x.reshape(batch_shards, grad_accum_steps, -1, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(grad_accum_steps, rows // grad_accum_steps, *x.shape[3:])
+
+    return jax.tree.map(split, batch)
 
 
 def make_eval_step(model, step: int, view=None):

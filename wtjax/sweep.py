@@ -83,11 +83,9 @@ def load_config(run: Run):
     Raises:
       KeyError/AttributeError: an override names a field the config does not have.
     """
-    path = REPO / run.config
-    spec = importlib.util.spec_from_file_location(f"_wtjax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(run.arg or None)
+    from wtjax import config_schema
+
+    config = config_schema.load_config_file(REPO / run.config, run.arg)
     config.lock()  # an override of an unknown field fails instead of adding it
     for dotted, value in run.overrides.items():
         *parents, leaf = dotted.split(".")

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from wtjax import sharing
+from wtjax import precision, sharing
 from wtjax.masks import MaskSpec, apply_masks, default_predicate
 
 MASK_MODES = ("dense", "same", "multi", "dropout", "stored")
@@ -61,18 +61,25 @@ def _remat_policy(name: str | None):
     return policy
 
 
-def _dropout_weights(params, spec: MaskSpec, rate: float, rng: jax.Array):
-    """Inverted DropConnect on the selected leaves: keep w.p. ``1-rate``, scale by ``1/(1-rate)``."""
+def _dropout_weights(params, spec: MaskSpec, rate: float, rng: jax.Array, dtype=None):
+    """Inverted DropConnect on the selected leaves: keep w.p. ``1-rate``, scale by ``1/(1-rate)``.
+
+    ``dtype``: the compute dtype the selected leaves are cast to first (``None``: keep theirs).
+    """
     flat = traverse_util.flatten_dict(params)
     for i, (p, v) in enumerate(sorted(flat.items())):
         if spec.selects(p, v):
+            v = v if dtype is None else v.astype(dtype)
             keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, v.shape)
             flat[p] = jnp.where(keep, v / (1.0 - rate), 0.0).astype(v.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
-def _apply_stored_masks(params, masks, reuse_index):
-    """Multiply each leaf that has a stored mask by it (``masks[reuse_index]`` if stacked per reuse)."""
+def _apply_stored_masks(params, masks, reuse_index, dtype=None):
+    """Multiply each leaf that has a stored mask by it (``masks[reuse_index]`` if stacked per reuse).
+
+    ``dtype``: the compute dtype the masked leaves are cast to first (``None``: keep theirs).
+    """
     if not masks:
         raise ValueError(
             "mask_mode='stored' needs the masks as a variable collection: "
@@ -82,7 +89,7 @@ def _apply_stored_masks(params, masks, reuse_index):
     for path, mask in traverse_util.flatten_dict(masks).items():
         if path not in flat_params:
             raise ValueError(f"a stored mask at {'/'.join(path)} has no parameter to mask")
-        leaf = flat_params[path]
+        leaf = flat_params[path] if dtype is None else flat_params[path].astype(dtype)
         if mask.ndim == leaf.ndim + 1:
             mask = mask[reuse_index]
         if mask.shape != leaf.shape:
@@ -116,6 +123,13 @@ class Tied(nn.Module):
         with depth).
       remat_policy: ``None`` (store activations) or a name in ``jax.checkpoint_policies``
         (e.g. ``'nothing_saveable'``) to recompute each reuse in the backward pass.
+      checkpoint_every: ``None`` (the carry of every reuse is kept for the backward pass) or the
+        number of reuses per checkpointed segment, or ``'sqrt'`` (``round(sqrt(depth))``): a
+        nested scan keeps only the carry at each segment boundary and recomputes a segment's
+        reuses in the backward pass, with each reuse rematerialised by ``remat_policy``
+        (default ``'nothing_saveable'``). Memory ``O(depth / n + n)`` carries, about one
+        extra forward pass of compute. Needs ``scan=True`` and ``shared=True``. Same outputs and
+        gradients as the plain scan (``dropout`` mode draws its masks in another order).
       unroll: ``lax.scan`` unroll factor (scan mode only).
       shared: ``True`` ties the parameters. ``False`` is the not-tied baseline through the same
         code path: ``depth`` independent parameter sets, stacked on a leading axis of size
@@ -135,6 +149,10 @@ class Tied(nn.Module):
       fusion: ``None`` or a fusion strategy (:data:`wtjax.sharing.FUSIONS`): shared leaves are
         stored per layer and fused per reuse; learnable fusion weights of shared kernels live
         under ``<this>/fusion`` (leading depth axis), initialised so the fusion is the mean.
+      dtype: ``None`` (the view keeps the parameters' dtype) or a compute dtype name of
+        :mod:`wtjax.precision` (``'float32'``, ``'bfloat16'``): the view casts the masked leaves
+        to it before multiplying by the masks (0/1, so exact), and the block receives them in it;
+        gradients reach the float32 parameters through the cast. ``'float32'`` is ``None``.
     """
 
     block: nn.Module
@@ -143,16 +161,19 @@ class Tied(nn.Module):
     mask: MaskSpec = MaskSpec()
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None
     unroll: int = 1
     shared: bool = True
     weight_map: tuple[int, ...] | None = None
     share_predicate: Callable[[tuple[str, ...], Any], bool] | None = None
     affine_groups: int | None = None
     fusion: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; choose one of {MASK_MODES}")
+        precision.layer_dtype(self.dtype)  # validates the name
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         if self.weight_map is not None:
@@ -165,6 +186,10 @@ class Tied(nn.Module):
                 raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {sharing.FUSIONS}")
         elif self.affine_groups is not None or self.fusion is not None or self.share_predicate is not None:
             raise ValueError("affine_groups, fusion and share_predicate need a weight_map")
+        if self.checkpoint_every is not None:
+            segment_length(self.checkpoint_every, self.depth)  # validates the value
+            if not (self.scan and self.shared):
+                raise ValueError("checkpoint_every needs scan=True and shared=True (a tied scan)")
         super().__post_init__()
 
     # -- SPIN weight maps -----------------------------------------------------------------------
@@ -274,19 +299,22 @@ class Tied(nn.Module):
         if self.mask_mode == "dense" or not params:
             return variables
         if self.mask_mode == "stored":
-            masked = _apply_stored_masks(params, variables.get("masks"), reuse_index)
+            masked = _apply_stored_masks(
+                params, variables.get("masks"), reuse_index, precision.layer_dtype(self.dtype)
+            )
         else:
             masked = self._masked(params, reuse_index, dropout_rng)
         return {**variables, "params": masked}
 
     def _masked(self, params, reuse_index, dropout_rng):
+        dtype = precision.layer_dtype(self.dtype)
         if self.mask_mode == "dropout":
             if dropout_rng is None:
                 return params
-            return _dropout_weights(params, self.mask, 1.0 - self.mask.density, dropout_rng)
+            return _dropout_weights(params, self.mask, 1.0 - self.mask.density, dropout_rng, dtype)
         index = 0 if self.mask_mode == "same" else reuse_index
         # Masks hash the path of the shared weight ("<tied>/block/..."), the same in every mode.
-        return apply_masks(params, self.mask, index, scope=self.path + ("block",))
+        return apply_masks(params, self.mask, index, scope=self.path + ("block",), dtype=dtype)
 
     @nn.compact
     def __call__(
@@ -343,15 +371,20 @@ class Tied(nn.Module):
                 z = masked(block, z, *args)
             return z, (z if return_intermediates else None)
 
-        policy = _remat_policy(self.remat_policy)
+        policy_name = self.remat_policy
+        if self.checkpoint_every is not None and policy_name is None:
+            policy_name = "nothing_saveable"  # a recomputed segment must not store every reuse
+        policy = _remat_policy(policy_name)
         if policy is not None:
             step = nn.remat(step, policy=policy, prevent_cse=not self.scan)
 
-        if self.scan:
+        if self.scan and self.checkpoint_every is not None and not self.is_initializing():
+            z, zs = _checkpointed_scan(
+                step, own, z, depth, segment_length(self.checkpoint_every, depth), broadcast_args
+            )
+        elif self.scan:
             if self.shared:
-                params_axes = dict(
-                    variable_broadcast=("params", "masks"), split_rngs={"params": False, "dropout": True}
-                )
+                params_axes = _TIED_SCAN
             else:
                 params_axes = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True})
             scanned = nn.scan(
@@ -374,6 +407,54 @@ class Tied(nn.Module):
                 outs.append(out)
             zs = jnp.stack(outs) if return_intermediates else None
         return (z, zs) if return_intermediates else z
+
+
+def segment_length(checkpoint_every: int | str, depth: int) -> int:
+    """Reuses per checkpointed segment: ``checkpoint_every``, or ``round(sqrt(depth))`` for ``'sqrt'``."""
+    if checkpoint_every == "sqrt":
+        return max(1, round(depth**0.5))
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be None, 'sqrt' or an int >= 1, got {checkpoint_every!r}")
+    return checkpoint_every
+
+
+_TIED_SCAN = dict(variable_broadcast=("params", "masks"), split_rngs={"params": False, "dropout": True})
+
+
+def _scan_reuses(step, block, z, first, length, args):
+    """Reuses ``first .. first + length - 1`` of ``step`` as one ``nn.scan``."""
+    scanned = nn.scan(step, in_axes=(0,) + (nn.broadcast,) * len(args), length=length, **_TIED_SCAN)
+    return scanned(block, z, first + jnp.arange(length), *args)
+
+
+def _checkpointed_scan(step, block, z, depth, segment, args):
+    """``depth`` reuses as an outer scan over rematerialised segments of ``segment`` reuses.
+
+    Only the carry entering each segment is saved for the backward pass; the segment (an inner
+    scan) is recomputed from it. A last, shorter segment takes the remainder ``depth % segment``.
+    """
+
+    def run_segment(block, z, first, *args):
+        return _scan_reuses(step, block, z, first, segment, args)
+
+    num_full, rest = divmod(depth, segment)
+    outer = nn.scan(
+        nn.remat(run_segment, prevent_cse=False),
+        in_axes=(0,) + (nn.broadcast,) * len(args),
+        length=num_full,
+        **_TIED_SCAN,
+    )
+    z, zs = outer(block, z, jnp.arange(num_full) * segment, *args)
+    if zs is not None:
+        zs = zs.reshape((num_full * segment,) + zs.shape[2:])
+    if rest:
+
+        def run_rest(block, z, *args):
+            return _scan_reuses(step, block, z, num_full * segment, rest, args)
+
+        z, zs_rest = nn.remat(run_rest, prevent_cse=False)(block, z, *args)
+        zs = None if zs is None else jnp.concatenate([zs, zs_rest])
+    return z, zs
 
 
 def _per_layer(v):

@@ -2,7 +2,7 @@
 
 Sections: (1) processes, devices, workdir; (2) data; (3) model and optimizer; (4) restore or
 initialise the state; (5) the jitted train and eval steps; (6) the loop (metrics, NaN guard,
-evaluation, checkpoints); (7) final evaluation and summary.
+evaluation, checkpoints, preemption); (7) final evaluation and summary.
 
 Conventions of the model's ``out`` dict honoured here: ``out['aux_loss']`` (a scalar) is added to
 the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``.
@@ -10,7 +10,8 @@ Models whose ``__call__`` declares a ``step`` keyword get the current step (e.g.
 switches from weight-tied pre-training to its solver).
 
 Randomness: ``key = PRNGKey(config.seed)``; parameters from ``fold_in(key, 0)``, the dropout key of
-step ``s`` is ``fold_in(fold_in(key, 1), s)``, the data order and augmentation follow from
+step ``s`` is ``fold_in(fold_in(key, 1), s)`` (with ``grad_accum_steps`` > 1, micro-batch ``m``
+uses ``fold_in`` of it with ``m``), the data order and augmentation follow from
 ``(config.seed, s)``. A resumed run therefore repeats an uninterrupted one exactly.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax import checkpointing, config_schema, metrics, optim, parallel, steps
+from wtjax import checkpointing, config_schema, metrics, optim, parallel, preemption, steps
 from wtjax.lora_finetune import FinetuneHook
 
 PARAMS_SEED, DROPOUT_SEED = 0, 1
@@ -42,6 +43,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       ``num_params``, ``wall_time_s`` and the last logged training metrics.
 
     Raises:
+      wtjax.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
+        (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
         last checkpoint written before it is kept).
     """
@@ -62,7 +65,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     from wtjax import input_pipeline  # imported here: it pulls in tfds only when a job runs
 
     process_index, process_count = parallel.process_info()
-    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
     eval_batch_size = config.eval_batch_size or config.batch_size
     parallel.check_batch_size(eval_batch_size, mesh)
     dataset = input_pipeline.create_dataset(
@@ -119,11 +122,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         print(f"model: {config.model.name}, {num_params:,} parameters; {origin}", flush=True)
 
     # ---------------------------------------------------------------- 5. Train and eval steps
-    train_step = jax.jit(
-        _trace_once(steps.make_train_step(model, tx, schedule, dropout_key, view)),
-        in_shardings=(replicated, parallel.batch_sharded(mesh)) + (replicated,) * len(frozen),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,  # the old state's buffers are reused for the new state
+    # Gradient accumulation's micro-batches are laid out for a batch split over all mesh devices.
+    accum = {"grad_accum_steps": config.grad_accum_steps, "batch_shards": mesh.size}
+    train_step = parallel.jit_train_step(
+        _trace_once(steps.make_train_step(model, tx, schedule, dropout_key, view, **accum)), mesh, len(frozen)
     )
     eval_step = jax.jit(steps.make_eval_step(model, total_steps, view), out_shardings=replicated)
 
@@ -166,38 +168,50 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     batches = dataset.train_batches(config.batch_size, start_step=start_step)
     t_interval, steps_in_interval = time.perf_counter(), 0
-    for step in range(start_step, total_steps):
-        batch = parallel.global_batch(next(batches), mesh)
-        state, (step_metrics, finite) = train_step(state, batch, *frozen)
-        pending.append((step, step_metrics, finite))
-        done = step + 1
-        steps_in_interval += 1
-        if step == start_step:
-            jax.block_until_ready(state)
-            first_step_s = time.perf_counter() - t_interval
-            writer.write(done, {metrics.COMPILE_TIME: first_step_s})
-            t_interval, steps_in_interval = time.perf_counter(), 0
-            progress.restart(done)
-        progress.update(done)
+    preempted = False
+    with preemption.PreemptionWatch(checkpointer.manager.reached_preemption) as watch:
+        for step in range(start_step, total_steps):
+            batch = parallel.global_batch(next(batches), mesh)
+            state, (step_metrics, finite) = train_step(state, batch, *frozen)
+            pending.append((step, step_metrics, finite))
+            done = step + 1
+            steps_in_interval += 1
+            if step == start_step:
+                jax.block_until_ready(state)
+                first_step_s = time.perf_counter() - t_interval
+                writer.write(done, {metrics.COMPILE_TIME: first_step_s})
+                t_interval, steps_in_interval = time.perf_counter(), 0
+                progress.restart(done)
+            progress.update(done)
+            preempted = watch.reached(done)  # save this step and stop (wtjax/preemption.py)
 
-        if done % config.log_every_steps == 0 or done == total_steps:
-            averages = flush_pending(step)
-            elapsed = time.perf_counter() - t_interval
-            if steps_in_interval:
-                averages[metrics.STEP_TIME] = elapsed / steps_in_interval
-                averages[metrics.IMAGES_PER_SEC] = steps_in_interval * config.batch_size / elapsed
-            averages[metrics.EPOCH] = done / steps_per_epoch
-            writer.write(done, averages)
-            last_train = averages
-            t_interval, steps_in_interval = time.perf_counter(), 0
+            if done % config.log_every_steps == 0 or done == total_steps or preempted:
+                averages = flush_pending(step)
+                elapsed = time.perf_counter() - t_interval
+                if steps_in_interval:
+                    averages[metrics.STEP_TIME] = elapsed / steps_in_interval
+                    averages[metrics.IMAGES_PER_SEC] = steps_in_interval * config.batch_size / elapsed
+                averages[metrics.EPOCH] = done / steps_per_epoch
+                writer.write(done, averages)
+                last_train = averages
+                t_interval, steps_in_interval = time.perf_counter(), 0
 
-        if eval_every and done % eval_every == 0 and done != total_steps:
-            writer.write(done, evaluate(state["params"], state.get("masks")))
-            t_interval, steps_in_interval = time.perf_counter(), 0
+            if eval_every and done % eval_every == 0 and done != total_steps and not preempted:
+                writer.write(done, evaluate(state["params"], state.get("masks")))
+                t_interval, steps_in_interval = time.perf_counter(), 0
 
-        if checkpointer.should_save(done) or done == total_steps:
-            flush_pending(step)  # never save a non-finite state
-            checkpointer.save(done, state)
+            if checkpointer.should_save(done) or done == total_steps or preempted:
+                flush_pending(step)  # never save a non-finite state
+                checkpointer.save(done, state)
+            if preempted:
+                break
+    if preempted:  # the job's answer to a preemption notice: the checkpoint, then stop
+        checkpointer.close()  # waits for the save
+        writer.close()
+        stop = preemption.Preempted(done, checkpointer.directory / str(done))
+        if main:
+            print(f"\n{stop}", flush=True)
+        raise stop
 
     # ---------------------------------------------------------------- 7. Final evaluation, summary
     final_eval = evaluate(state["params"], state.get("masks"))

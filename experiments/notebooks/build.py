@@ -17,27 +17,63 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 
 SETUP = """\
-# Setup. On Colab this clones and installs wtjax; elsewhere run the notebook from a checkout
-# installed with `pip install -e ".[dev]"` (the notebook's folder is experiments/notebooks).
+# Setup. On Colab: clone wtjax into /content/wtjax and install it around the runtime's own jax,
+# jaxlib and libtpu (they match the TPU; a pip upgrade or downgrade of them loses it). Elsewhere:
+# run from a checkout installed with `pip install -e ".[dev]"`. Safe to rerun: every path is
+# absolute, and the clone and the install are skipped once done.
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 IN_COLAB = "google.colab" in sys.modules
 SMOKE = os.environ.get("WTJAX_NOTEBOOK_SMOKE") == "1"  # CI: a few steps on CPU
-REPO_URL = os.environ.get("WTJAX_REPO_URL", "https://github.com/wtjax/wtjax.git")  # your copy of the repo
+REPO_URL = "https://github.com/<you>/wtjax.git"  # @param {type:"string"}
+REPO_URL = os.environ.get("WTJAX_REPO_URL", REPO_URL)  # the environment variable wins
 
-if IN_COLAB and not os.path.exists("wtjax"):
-    subprocess.run(["git", "clone", "-q", REPO_URL, "wtjax"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "wtjax"], check=True)
+
+def install_keeping_runtime_jax(root):
+    \"\"\"pip-install wtjax from `root` without changing the installed jax, jaxlib or libtpu.\"\"\"
+    # A constraints file pins the runtime's versions, so wtjax's other dependencies (flax, optax,
+    # orbax, ...) are resolved against them: pip picks compatible versions or fails naming the
+    # conflict, but never replaces them. wtjax itself is installed with --no-deps, so its own
+    # tested jax range (pyproject.toml) does not force another jax either.
+    installed = {d.metadata["Name"] or "": d.version for d in importlib.metadata.distributions()}
+    keep = re.compile(r"jax|jaxlib|libtpu.*", re.IGNORECASE)
+    pins = sorted(f"{name}=={version}" for name, version in installed.items() if keep.fullmatch(name))
+    constraints = os.path.join(tempfile.gettempdir(), "wtjax_keep_runtime_jax.txt")
+    with open(constraints, "w") as f:
+        f.write("\\n".join(pins) + "\\n")
+    import tomllib  # Python >= 3.11, as on Colab
+
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    deps = [d for d in deps if re.match(r"[A-Za-z0-9_.-]+", d).group().lower() not in ("jax", "jaxlib")]
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-c", constraints, *deps], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", root], check=True)
+    print("installed wtjax; kept", ", ".join(pins))
+
+
 if IN_COLAB:
-    os.chdir("wtjax")
-    sys.path.insert(0, os.getcwd())  # the editable install is only seen by new processes
-elif os.path.basename(os.getcwd()) == "notebooks":
-    os.chdir("../..")  # configs/ are addressed from the repository root
+    ROOT = "/content/wtjax"
+    if not os.path.isdir(ROOT):
+        if not REPO_URL or "<you>" in REPO_URL:
+            raise ValueError("set REPO_URL (form field above, or $WTJAX_REPO_URL) to your copy's git URL")
+        subprocess.run(["git", "clone", "-q", REPO_URL, ROOT], check=True)
+    try:
+        importlib.metadata.version("wtjax")
+    except importlib.metadata.PackageNotFoundError:
+        install_keeping_runtime_jax(ROOT)
+else:  # a checkout: Jupyter starts in <root>/experiments/notebooks (on a rerun we are in <root>)
+    ROOT = os.path.abspath("../.." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+os.chdir(ROOT)  # configs/ are addressed from the repository root
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # an editable install made in this session is only seen by new processes
 WORK = os.path.join(tempfile.gettempdir(), "wtjax_notebooks" + ("_smoke" if SMOKE else ""))  # run workdirs
-print("working directory:", os.getcwd(), "| run workdirs:", WORK, "| smoke test:", SMOKE)"""
+print("repository:", ROOT, "| run workdirs:", WORK, "| smoke test:", SMOKE)"""
 
 
 def notebook(title: str, intro: str, cells: list[str]) -> nbformat.NotebookNode:
@@ -48,7 +84,8 @@ def notebook(title: str, intro: str, cells: list[str]) -> nbformat.NotebookNode:
         "accelerator": "TPU",
         "colab": {"provenance": []},
     }
-    nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}"), new_code_cell(SETUP)]
+    colab = "On Colab, first set `REPO_URL` in the setup cell to the git URL of your copy of wtjax."
+    nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}\n\n{colab}"), new_code_cell(SETUP)]
     for cell in cells:
         if cell.startswith("## ") or cell.startswith("**"):
             nb.cells.append(new_markdown_cell(cell))
@@ -64,9 +101,21 @@ QUICKSTART = notebook(
     "on a CPU or GPU: the training job shards the batch over whatever `jax.devices()` returns.",
     [
         """
+import glob
+
 import jax
 
-print(jax.devices())  # Colab TPU v2-8: eight TpuDevice entries; a laptop: one CpuDevice
+# Signs of an attached TPU (Colab's TPU runtimes, Cloud TPU VMs): then JAX must be running on it.
+TPU_ATTACHED = bool(
+    os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME")
+    or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+)
+print("backend:", jax.default_backend(), "| devices:", jax.devices())  # TPU v2-8: eight TpuDevice
+if TPU_ATTACHED:
+    assert jax.default_backend() == "tpu", (
+        f"a TPU is attached but JAX runs on {jax.default_backend()!r}: the runtime's jax/libtpu were "
+        "probably replaced by a pip install. Runtime > Disconnect and delete runtime, then rerun."
+    )
 """,
         "## Configure\n\nA run is a config file plus arguments and overrides, exactly as on the command "
         "line (`python -m wtjax.main --config=configs/cifar_resnet.py:width=64,epochs=30`). tfds downloads "

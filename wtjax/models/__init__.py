@@ -5,7 +5,9 @@
 ``out`` is a dict of named intermediates (``pre_logits`` always; per-reuse ``block_outputs`` when
 called with ``return_intermediates=True``). Variables hold ``params``, plus a ``masks`` collection
 only for ties with ``mask_mode='stored'`` (see :mod:`wtjax.tied`, :mod:`wtjax.pruning`).
-Unknown model names and unknown fields fail loudly.
+Unknown model names and unknown fields fail loudly. Every family has a ``dtype`` field, the compute
+dtype of its mixed-precision policy (``'float32'``, the default, or ``'bfloat16'``;
+:mod:`wtjax.precision`): parameters and returned logits are float32 in both.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 
 import flax.linen as nn
 
+from wtjax import precision
 from wtjax.models.cct import CCT
 from wtjax.models.convmixer import ConvMixer
 from wtjax.models.deq import DEQMLP, DEQResNetLike
@@ -50,4 +53,6 @@ def build_model(name: str, **fields) -> nn.Module:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise TypeError(f"model {name!r} has no field(s) {unknown}; its fields are {sorted(known)}")
+    if "dtype" in fields:
+        precision.compute_dtype(fields["dtype"])  # a bad name fails here, before any tracing
     return cls(**fields)

@@ -26,6 +26,9 @@ layer of kernel ``k``::
     final norm 2D          pool D + 1   head D n + n
 
 CCT-7/3x1 on 32x32 CIFAR-10 (``D=256, M=512, T=256``): 3,760,139 (the public model's 3.76M).
+
+Mixed precision (``dtype``, :mod:`wtjax.precision`): both softmaxes (attention, sequence
+pooling) run in float32, every matmul and convolution in the compute dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.masks import MaskSpec
 from wtjax.models import spin
 from wtjax.tied import Tied
@@ -65,31 +69,40 @@ def drop_path(x, rate: float, deterministic: bool, rng_module: nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (no bias) and ``proj``."""
+    """Multi-head self-attention with a fused ``qkv`` projection (no bias) and ``proj``.
+
+    ``dtype``: compute dtype of the projections and einsums (``None``: promotion); the softmax
+    runs in at least float32.
+    """
 
     num_heads: int
     attention_dropout: float = 0.1
     dropout: float = 0.0
     deterministic: bool = True
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
         b, n, d = x.shape
         if d % self.num_heads:
             raise ValueError(f"embedding {d} is not divisible by {self.num_heads} heads")
-        qkv = nn.Dense(3 * d, use_bias=False, name="qkv", kernel_init=_dense_init["kernel_init"])(x)
+        qkv = nn.Dense(
+            3 * d, use_bias=False, dtype=self.dtype, name="qkv", kernel_init=_dense_init["kernel_init"]
+        )(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // self.num_heads).astype(x.dtype)
-        attn = nn.Dropout(self.attention_dropout)(
-            jax.nn.softmax(logits, axis=-1), deterministic=self.deterministic
-        )
+        attn = jax.nn.softmax(precision.upcast(logits), axis=-1).astype(v.dtype)
+        attn = nn.Dropout(self.attention_dropout)(attn, deterministic=self.deterministic)
         y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
-        y = nn.Dense(d, name="proj", **_dense_init)(y)
+        y = nn.Dense(d, dtype=self.dtype, name="proj", **_dense_init)(y)
         return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
 
 
 class CCTEncoderLayer(nn.Module):
-    """CCT's transformer encoder layer ``x -> x`` (the reused block of the tied forms)."""
+    """CCT's transformer encoder layer ``x -> x`` (the reused block of the tied forms).
+
+    ``dtype``: compute dtype (``None``: promotion).
+    """
 
     num_heads: int
     mlp_dim: int
@@ -97,16 +110,18 @@ class CCTEncoderLayer(nn.Module):
     attention_dropout: float = 0.1
     drop_path: float = 0.05
     deterministic: bool = True
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
-        det = self.deterministic
-        h = Attention(self.num_heads, self.attention_dropout, self.dropout, det, name="self_attn")(
-            nn.LayerNorm(name="pre_norm")(x)
+        det, dtype = self.deterministic, self.dtype
+        attention = Attention(
+            self.num_heads, self.attention_dropout, self.dropout, det, dtype, name="self_attn"
         )
-        x = nn.LayerNorm(name="norm1")(x + drop_path(h, self.drop_path, det, self))
-        h = nn.gelu(nn.Dense(self.mlp_dim, name="linear1", **_dense_init)(x), approximate=False)
-        h = nn.Dense(x.shape[-1], name="linear2", **_dense_init)(
+        h = attention(nn.LayerNorm(dtype=dtype, name="pre_norm")(x))
+        x = nn.LayerNorm(dtype=dtype, name="norm1")(x + drop_path(h, self.drop_path, det, self))
+        h = nn.gelu(nn.Dense(self.mlp_dim, dtype=dtype, name="linear1", **_dense_init)(x), approximate=False)
+        h = nn.Dense(x.shape[-1], dtype=dtype, name="linear2", **_dense_init)(
             nn.Dropout(self.dropout)(h, deterministic=det)
         )
         h = nn.Dropout(self.dropout)(h, deterministic=det)
@@ -116,30 +131,45 @@ class CCTEncoderLayer(nn.Module):
 def embed_tokens(module: nn.Module, images):
     """Tokenizer + learnable position embedding, created in ``module``'s compact scope.
 
-    ``module`` needs ``embed_dim, n_conv_layers, kernel_size, conv_hidden``. Returns
-    ``(B, T, embed_dim)`` tokens (public code: stride ``max(1, k//2 - 1)``, padding ``max(1, k//2)``).
+    ``module`` needs ``embed_dim, n_conv_layers, kernel_size, conv_hidden, dtype``. Returns
+    ``(B, T, embed_dim)`` tokens (public code: stride ``max(1, k//2 - 1)``, padding ``max(1, k//2)``)
+    in the compute dtype.
     """
-    x = images
+    dtype = precision.layer_dtype(module.dtype)
+    x = precision.cast(images, dtype)
     k = (module.kernel_size, module.kernel_size)
     pad = max(1, module.kernel_size // 2)
     stride = max(1, module.kernel_size // 2 - 1)
     for i in range(module.n_conv_layers):
         out = module.embed_dim if i == module.n_conv_layers - 1 else module.conv_hidden
-        x = nn.Conv(
-            out, k, strides=stride, padding=[(pad, pad)] * 2, use_bias=False, name=f"tokenizer_conv{i}"
-        )(x)
+        conv = nn.Conv(
+            out,
+            k,
+            strides=stride,
+            padding=[(pad, pad)] * 2,
+            use_bias=False,
+            dtype=dtype,
+            name=f"tokenizer_conv{i}",
+        )
+        x = conv(x)
         x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = x.reshape(x.shape[0], -1, x.shape[-1])
     pos = module.param("pos_embedding", nn.initializers.truncated_normal(0.2), (1,) + x.shape[1:])
-    return x + pos
+    return x + pos.astype(x.dtype)
 
 
-def pool_and_classify(x, num_classes: int):
-    """Final LayerNorm, sequence pooling and the classifier (inside a compact scope): ``(logits, pooled)``."""
-    x = nn.LayerNorm(name="norm")(x)
-    weights = jax.nn.softmax(nn.Dense(1, name="attention_pool", **_dense_init)(x), axis=1)
+def pool_and_classify(x, num_classes: int, dtype=None):
+    """Final LayerNorm, sequence pooling and the classifier (inside a compact scope): ``(logits, pooled)``.
+
+    ``dtype``: compute dtype of the layers (``None``: promotion); the pooling softmax runs in at
+    least float32 and the logits are returned in at least float32.
+    """
+    x = nn.LayerNorm(dtype=dtype, name="norm")(x)
+    scores = precision.upcast(nn.Dense(1, dtype=dtype, name="attention_pool", **_dense_init)(x))
+    weights = jax.nn.softmax(scores, axis=1).astype(x.dtype)
     pooled = jnp.sum(weights * x, axis=1)
-    return nn.Dense(num_classes, name="fc", **_dense_init)(pooled), pooled
+    logits = nn.Dense(num_classes, dtype=dtype, name="fc", **_dense_init)(pooled)
+    return precision.upcast(logits), pooled
 
 
 def _share_predicate(name: str):
@@ -166,6 +196,8 @@ class CCT(nn.Module):
         fusion: SPIN sharing (form ``shared``); ``share_params`` in ``all``/``attention``/``mlp``.
       mask_mode, mask: masks on the reused kernels (the paper's multi-mask weight-tied CCT).
       scan, remat_policy: loop implementation.
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -191,6 +223,7 @@ class CCT(nn.Module):
     mask: MaskSpec = MaskSpec(density=0.9)
     scan: bool = True
     remat_policy: str | None = None
+    dtype: str = "float32"
 
     @property
     def share_predicate(self):
@@ -209,6 +242,7 @@ class CCT(nn.Module):
             self.attention_dropout,
             self.drop_path,
             deterministic=not train,
+            dtype=precision.layer_dtype(self.dtype),
         )
         tied = Tied(
             layer,
@@ -217,12 +251,13 @@ class CCT(nn.Module):
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            dtype=self.dtype,
             name="encoder",
             **spin.tie_kwargs(self, self.share_predicate),
         )
         result = tied(x, deterministic=not train, return_intermediates=return_intermediates)
         x, xs = result if return_intermediates else (result, None)
-        logits, pooled = pool_and_classify(x, self.num_classes)
+        logits, pooled = pool_and_classify(x, self.num_classes, precision.layer_dtype(self.dtype))
         out = {"tokens": tokens, "pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = xs

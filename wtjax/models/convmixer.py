@@ -23,6 +23,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.masks import MaskSpec
 from wtjax.models import spin
 from wtjax.tied import Tied
@@ -52,18 +53,24 @@ def parameter_count(
 
 
 class ConvMixerLayer(nn.Module):
-    """One ConvMixer layer ``z -> norm(gelu(pw(z + norm(gelu(dw(z))))))`` (the reused block)."""
+    """One ConvMixer layer ``z -> norm(gelu(pw(z + norm(gelu(dw(z))))))`` (the reused block).
+
+    ``dtype``: compute dtype of the convolutions and norm outputs (``None``: promotion).
+    """
 
     width: int
     kernel_size: int = 9
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z):
         k = (self.kernel_size, self.kernel_size)
-        h = nn.Conv(self.width, k, padding="SAME", feature_group_count=self.width, name="depthwise")(z)
-        z = z + nn.LayerNorm(name="norm1")(nn.gelu(h))
-        z = nn.Conv(self.width, (1, 1), name="pointwise")(z)
-        return nn.LayerNorm(name="norm2")(nn.gelu(z))
+        dw = nn.Conv(
+            self.width, k, padding="SAME", feature_group_count=self.width, dtype=self.dtype, name="depthwise"
+        )
+        z = z + nn.LayerNorm(dtype=self.dtype, name="norm1")(nn.gelu(dw(z)))
+        z = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="pointwise")(z)
+        return nn.LayerNorm(dtype=self.dtype, name="norm2")(nn.gelu(z))
 
 
 def _share_predicate(name: str):
@@ -84,6 +91,8 @@ class ConvMixer(nn.Module):
       fusion: ``none`` or a SPIN fusion strategy.
       mask_mode, mask: masks on the reused weights (:class:`wtjax.tied.Tied`).
       scan, remat_policy: loop implementation.
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -103,6 +112,7 @@ class ConvMixer(nn.Module):
     mask: MaskSpec = MaskSpec()
     scan: bool = True
     remat_policy: str | None = None
+    dtype: str = "float32"
 
     @property
     def share_predicate(self):
@@ -112,22 +122,26 @@ class ConvMixer(nn.Module):
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
         """Classify NHWC ``images``; ``out`` has ``pre_logits`` (and ``block_outputs``)."""
         p = (self.patch_size, self.patch_size)
-        x = nn.Conv(self.width, p, strides=p, padding="VALID", name="stem")(images)
-        x = nn.LayerNorm(name="stem_norm")(nn.gelu(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = nn.Conv(self.width, p, strides=p, padding="VALID", dtype=dtype, name="stem")(
+            precision.cast(images, dtype)
+        )
+        x = nn.LayerNorm(dtype=dtype, name="stem_norm")(nn.gelu(x))
         tied = Tied(
-            ConvMixerLayer(self.width, self.kernel_size),
+            ConvMixerLayer(self.width, self.kernel_size, dtype),
             depth=self.depth,
             mask_mode=self.mask_mode,
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            dtype=self.dtype,
             name="mixer",
             **spin.tie_kwargs(self, self.share_predicate),
         )
         result = tied(x, deterministic=not train, return_intermediates=return_intermediates)
         z, zs = result if return_intermediates else (result, None)
         pooled = jnp.mean(z, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = zs

@@ -34,6 +34,13 @@ same linear system, so it measures the backward solver's health; it costs one ba
 ``deq_jac_loss`` and ``deq_fp_loss``. ``out['aux_loss']`` is ``jac_weight * jac_loss +
 fp_weight * fp_loss`` (zero at evaluation and during pretraining): the train loop adds it to the
 task loss. All metrics are zero in the pretraining phase (``deq_active = 0``).
+
+Mixed precision (``dtype``, :mod:`wtjax.precision`): the stem, the head and every evaluation of
+the block run in the compute dtype, while the solver works in float32: its state, iterates,
+residuals and Anderson/Broyden linear algebra, and the adjoint solve. ``f`` casts ``z`` to the
+compute dtype and the block's output back to float32. A bfloat16 block's residual has a floor
+at its rounding error (bfloat16 rounds at ~4e-3 relative to ``||z||``); a tolerance below it is
+not reached, and the solver then runs to ``max_iter`` and returns its lowest-residual iterate.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.conv import Conv
 from wtjax.implicit import (
     GRAD_MODES,
@@ -95,6 +103,8 @@ class DEQBase(nn.Module):
       fp_weight: weight of the fixed-point residual (correction) loss (0 disables it).
       monitor_backward: measure the adjoint solve at training steps (``deq_bwd_*``).
       remat_policy: remat policy of the pretraining stack (:class:`~wtjax.tied.Tied`).
+      dtype: compute dtype of the block, stem and head, ``'float32'`` or ``'bfloat16'``
+        (:mod:`wtjax.precision`); the solver stays float32 (module docstring).
     """
 
     depth: int = 8
@@ -121,6 +131,7 @@ class DEQBase(nn.Module):
     fp_weight: float = 0.0
     monitor_backward: bool = False
     remat_policy: str | None = None
+    dtype: str = "float32"
 
     def _solver(self, prefix: str, max_iter: int | None = None) -> SolverConfig:
         name = getattr(self, f"{prefix}_solver")
@@ -142,9 +153,18 @@ class DEQBase(nn.Module):
         raise NotImplementedError
 
     def _f(self, p, x, z):
-        """The DEQ map with explicit parameters: ``f(p, x, z) = block(z, x)``."""
+        """The DEQ map with explicit parameters: ``f(p, x, z) = block(z, x)``.
+
+        The block runs in the compute dtype; its output comes back in ``z``'s dtype (the solver's).
+        """
+        z_in = precision.cast(z, precision.layer_dtype(self.dtype))
         # parent=None: a free-standing module (inside a compact method it would bind to self).
-        return self._block(parent=None).apply({"params": p}, z, x)
+        return self._block(parent=None).apply({"params": p}, z_in, x).astype(z.dtype)
+
+    @staticmethod
+    def _z0(x):
+        """The initial state: zeros in at least float32 (solver states are never half precision)."""
+        return precision.upcast(jnp.zeros_like(x))
 
     def _tied_phase(self, p, x):
         """The weight-tied pretraining phase: ``z_K`` of ``z_{i+1} = f(p, x, z_i)``, plain backprop.
@@ -158,7 +178,7 @@ class DEQBase(nn.Module):
 
         if self.remat_policy is not None:
             body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy))
-        z, _ = jax.lax.scan(body, jnp.zeros_like(x), None, length=self.depth)
+        z, _ = jax.lax.scan(body, self._z0(x), None, length=self.depth)
         zero = jnp.zeros((), jnp.float32)
         return z, {k: zero for k in METRIC_NAMES}, zero
 
@@ -168,7 +188,7 @@ class DEQBase(nn.Module):
             self._f,
             p,
             x,
-            jnp.zeros_like(x),
+            self._z0(x),
             forward=self._solver("f", max_iter),
             backward=self._solver("b"),
             grad=self.grad,
@@ -266,15 +286,19 @@ class DEQResNetLike(DEQBase):
     conv_impl: str = "auto"
 
     def _block(self, **kw):
-        return ResidualInjectionBlock(self.width, self.groups, self.conv_impl, **kw)
+        dtype = precision.layer_dtype(self.dtype)
+        return ResidualInjectionBlock(self.width, self.groups, self.conv_impl, dtype, **kw)
 
     @nn.compact
     def __call__(self, images, *, train=False, step=None, max_iter=None, return_intermediates=False):
-        x = Conv(self.width, impl=self.conv_impl, name="stem_conv")(images)
-        x = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_gn")(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = Conv(self.width, impl=self.conv_impl, dtype=dtype, name="stem_conv")(
+            precision.cast(images, dtype)
+        )
+        x = nn.relu(nn.GroupNorm(num_groups=self.groups, dtype=dtype, name="stem_gn")(x))
         z, metrics, aux = self._solve(x, train=train, step=step, max_iter=max_iter)
         pooled = jnp.mean(z, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"stem": x, "pre_logits": pooled, "metrics": metrics, "aux_loss": aux}
         if return_intermediates:
             out["block_outputs"] = z[None]
@@ -296,15 +320,18 @@ class DEQMLP(DEQBase):
     width: int | None = None
 
     def _block(self, **kw):
-        return MLPBlock(resolve_width(self.size, self.width, MLP_SIZES, "MLP"), **kw)
+        width = resolve_width(self.size, self.width, MLP_SIZES, "MLP")
+        return MLPBlock(width, precision.layer_dtype(self.dtype), **kw)
 
     @nn.compact
     def __call__(self, images, *, train=False, step=None, max_iter=None, return_intermediates=False):
         width = resolve_width(self.size, self.width, MLP_SIZES, "MLP")
-        x = nn.Dense(width, name="embed")(images.reshape(images.shape[0], -1))
-        x = nn.relu(nn.LayerNorm(name="embed_ln")(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = precision.cast(images.reshape(images.shape[0], -1), dtype)
+        x = nn.Dense(width, dtype=dtype, name="embed")(x)
+        x = nn.relu(nn.LayerNorm(dtype=dtype, name="embed_ln")(x))
         z, metrics, aux = self._solve(x, train=train, step=step, max_iter=max_iter)
-        logits = nn.Dense(self.num_classes, name="head")(z)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(z))
         out = {"embedding": x, "pre_logits": z, "metrics": metrics, "aux_loss": aux}
         if return_intermediates:
             out["block_outputs"] = z[None]

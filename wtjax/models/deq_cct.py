@@ -12,20 +12,25 @@ Dropout and stochastic depth are off inside the solver (the map must be determin
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.models.cct import CCTEncoderLayer, embed_tokens, pool_and_classify
 from wtjax.models.deq import _CALL_DOC, DEQBase
 
 
 class InjectedCCTLayer(nn.Module):
-    """``f(z, x) = CCTEncoderLayer(z + x)`` (deterministic)."""
+    """``f(z, x) = CCTEncoderLayer(z + x)`` (deterministic; ``dtype``: compute dtype)."""
 
     num_heads: int
     mlp_dim: int
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z, x):
-        layer = CCTEncoderLayer(self.num_heads, self.mlp_dim, 0.0, 0.0, 0.0, deterministic=True, name="layer")
+        layer = CCTEncoderLayer(
+            self.num_heads, self.mlp_dim, 0.0, 0.0, 0.0, deterministic=True, dtype=self.dtype, name="layer"
+        )
         return layer(z + x)
 
 
@@ -47,13 +52,14 @@ class DEQCCT(DEQBase):
     conv_hidden: int = 64
 
     def _block(self, **kw):
-        return InjectedCCTLayer(self.num_heads, int(self.embed_dim * self.mlp_ratio), **kw)
+        dtype = precision.layer_dtype(self.dtype)
+        return InjectedCCTLayer(self.num_heads, int(self.embed_dim * self.mlp_ratio), dtype, **kw)
 
     @nn.compact
     def __call__(self, images, *, train=False, step=None, max_iter=None, return_intermediates=False):
         x = embed_tokens(self, images)
         z, metrics, aux = self._solve(x, train=train, step=step, max_iter=max_iter)
-        logits, pooled = pool_and_classify(z, self.num_classes)
+        logits, pooled = pool_and_classify(z, self.num_classes, precision.layer_dtype(self.dtype))
         out = {"tokens": x, "pre_logits": pooled, "metrics": metrics, "aux_loss": aux}
         if return_intermediates:
             out["block_outputs"] = z[None]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.masks import MaskSpec
 from wtjax.tied import Tied
 
@@ -55,17 +56,19 @@ class MLPBlock(nn.Module):
 
     Attributes:
       width: units of both Dense layers (the state size).
+      dtype: compute dtype of the layers (``None``: promotion; :mod:`wtjax.precision`).
     """
 
     width: int
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z, x):
-        h = nn.Dense(self.width, name="dense1")(z)
-        h = nn.LayerNorm(name="ln1")(nn.relu(h))
-        h = nn.Dense(self.width, name="dense2")(h)
-        h = nn.LayerNorm(name="ln2")(x + h)
-        return nn.LayerNorm(name="ln3")(nn.relu(z + h))
+        h = nn.Dense(self.width, dtype=self.dtype, name="dense1")(z)
+        h = nn.LayerNorm(dtype=self.dtype, name="ln1")(nn.relu(h))
+        h = nn.Dense(self.width, dtype=self.dtype, name="dense2")(h)
+        h = nn.LayerNorm(dtype=self.dtype, name="ln2")(x + h)
+        return nn.LayerNorm(dtype=self.dtype, name="ln3")(nn.relu(z + h))
 
 
 class MLP(nn.Module):
@@ -82,6 +85,8 @@ class MLP(nn.Module):
       mask: mask kind, density, N:M and seed (applied to the two tied Dense kernels only).
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -93,6 +98,7 @@ class MLP(nn.Module):
     mask: MaskSpec = MaskSpec()
     scan: bool = True
     remat_policy: str | None = None
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -113,17 +119,19 @@ class MLP(nn.Module):
         if self.form not in FORMS:
             raise ValueError(f"unknown form {self.form!r}; choose one of {FORMS}")
         width = resolve_width(self.size, self.width, MLP_SIZES, "MLP")
-        x = images.reshape(images.shape[0], -1)
-        x = nn.Dense(width, name="embed")(x)
-        x = nn.relu(nn.LayerNorm(name="embed_ln")(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = precision.cast(images.reshape(images.shape[0], -1), dtype)
+        x = nn.Dense(width, dtype=dtype, name="embed")(x)
+        x = nn.relu(nn.LayerNorm(dtype=dtype, name="embed_ln")(x))
         tied = Tied(
-            MLPBlock(width),
+            MLPBlock(width, dtype),
             depth=self.depth,
             mask_mode=self.mask_mode if self.form == "tied" else "dense",
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
             shared=self.form == "tied",
+            dtype=self.dtype,
             name="tied",
         )
         result = tied(
@@ -134,7 +142,7 @@ class MLP(nn.Module):
             return_intermediates=return_intermediates,
         )
         z, zs = result if return_intermediates else (result, None)
-        logits = nn.Dense(self.num_classes, name="head")(z)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(z))
         out = {"embedding": x, "pre_logits": z}
         if return_intermediates:
             out["block_outputs"] = zs

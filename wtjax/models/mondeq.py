@@ -20,6 +20,11 @@ batch/group norm of the input.
 ``out``: ``pre_logits`` (the pooled/flattened ``z*``) and ``metrics`` (scalars the train loop
 logs): ``mon_fwd_iters`` (forward splitting iterations), ``mon_fwd_res`` (final max per-sample
 relative change) and ``mon_fwd_nonconverged`` (1 if the solve stopped at ``max_iter`` above tol).
+
+Mixed precision (``dtype``, :mod:`wtjax.precision`): only the input projection ``U`` and the head
+run in the compute dtype. ``W`` (built from ``A``, ``B``), the splitting iterations, their FFTs
+and the implicit backward stay float32: the solver's convergence test and the monotonicity
+margin ``m`` need more than bfloat16's 8 bits of mantissa.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.implicit import monotone as mon
 
 _init_ab = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -62,16 +68,20 @@ def _solver(self) -> mon.MonotoneConfig:
 
 
 class _MonotoneFC(nn.Module):
-    """The FC implicit layer: returns ``(z*, stats)`` for flattened inputs ``(batch, d)``."""
+    """The FC implicit layer: returns ``(z*, stats)`` for flattened inputs ``(batch, d)``.
+
+    ``dtype``: compute dtype of ``U x + b`` (``None``: promotion); the solve is at least float32.
+    """
 
     width: int
     m: float
     parametrization: str
     cfg: mon.MonotoneConfig
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
-        c = nn.Dense(self.width, name="U")(x)
+        c = precision.upcast(nn.Dense(self.width, dtype=self.dtype, name="U")(x))
         n = self.width
         p = self.parametrization
         A = _Weight((n, n), name="A")() if p in ("full", "no_b") else None
@@ -81,17 +91,22 @@ class _MonotoneFC(nn.Module):
 
 
 class _MonotoneConv(nn.Module):
-    """The single-conv implicit layer on ``(batch, H, W, C)`` images: ``(z*, stats)``."""
+    """The single-conv implicit layer on ``(batch, H, W, C)`` images: ``(z*, stats)``.
+
+    ``dtype``: compute dtype of the ``U`` convolution (``None``: promotion); the solve is at least
+    float32.
+    """
 
     channels: int
     kernel_size: int
     m: float
     parametrization: str
     cfg: mon.MonotoneConfig
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
-        c = nn.Conv(self.channels, (3, 3), padding="SAME", name="U")(x)
+        c = precision.upcast(nn.Conv(self.channels, (3, 3), padding="SAME", dtype=self.dtype, name="U")(x))
         _, h, w, n = c.shape
         k, p = self.kernel_size, self.parametrization
         shape = (k, k, n, n)
@@ -116,6 +131,8 @@ class MonDEQFC(nn.Module):
       alpha: splitting step size.
       max_iter, tol: forward (and backward) iteration cap and forward tolerance.
       backward_tol: tolerance of the adjoint solve.
+      dtype: compute dtype of ``U`` and the head, ``'float32'`` or ``'bfloat16'``
+        (:mod:`wtjax.precision`); the equilibrium solve stays float32 (module docstring).
     """
 
     num_classes: int = 10
@@ -127,14 +144,16 @@ class MonDEQFC(nn.Module):
     max_iter: int = 50
     tol: float = 1e-3
     backward_tol: float = 1e-4
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         del train  # no dropout or normalisation statistics
         cfg = _solver(self)
-        x = images.reshape(images.shape[0], -1)
-        z, stats = _MonotoneFC(self.width, self.m, self.parametrization, cfg, name="mon")(x)
-        logits = nn.Dense(self.num_classes, name="head")(z)
+        dtype = precision.layer_dtype(self.dtype)
+        x = precision.cast(images.reshape(images.shape[0], -1), dtype)
+        z, stats = _MonotoneFC(self.width, self.m, self.parametrization, cfg, dtype, name="mon")(x)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(z))
         return logits, {"pre_logits": z, "metrics": _metrics(stats, cfg)}
 
 
@@ -146,7 +165,7 @@ class MonDEQConv(nn.Module):
       channels: channels ``n`` of the equilibrium state (the paper: 54 on MNIST, 81 on CIFAR).
       kernel_size: size of the circular ``A``, ``B`` convolutions.
       pool: the equilibrium is average-pooled to ``pool x pool`` before the head (monDEQ: 4).
-      m, parametrization, solver, alpha, max_iter, tol, backward_tol: as :class:`MonDEQFC`.
+      m, parametrization, solver, alpha, max_iter, tol, backward_tol, dtype: as :class:`MonDEQFC`.
     """
 
     num_classes: int = 10
@@ -160,20 +179,22 @@ class MonDEQConv(nn.Module):
     max_iter: int = 50
     tol: float = 1e-3
     backward_tol: float = 1e-4
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         del train
         cfg = _solver(self)
+        dtype = precision.layer_dtype(self.dtype)
         _, h, w, _ = images.shape
         if h % self.pool or w % self.pool:
             raise ValueError(f"image {h}x{w} is not divisible into {self.pool}x{self.pool} pooling cells")
         z, stats = _MonotoneConv(
-            self.channels, self.kernel_size, self.m, self.parametrization, cfg, name="mon"
-        )(images)
+            self.channels, self.kernel_size, self.m, self.parametrization, cfg, dtype, name="mon"
+        )(precision.cast(images, dtype))
         pooled = nn.avg_pool(z, (h // self.pool, w // self.pool), strides=(h // self.pool, w // self.pool))
         feats = pooled.reshape(pooled.shape[0], -1)
-        logits = nn.Dense(self.num_classes, name="head")(feats)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(feats))
         return logits, {"pre_logits": feats, "metrics": _metrics(stats, cfg)}
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.conv import Conv
 from wtjax.masks import MaskSpec
 from wtjax.models.mlp import resolve_width
@@ -80,22 +81,25 @@ class BasicBlock(nn.Module):
       strides: stride of ``conv1`` (1 or 2).
       groups: GroupNorm groups (must divide ``features``).
       conv_impl: convolution implementation (:mod:`wtjax.conv`).
+      dtype: compute dtype of the convolutions and norm outputs (``None``: promotion).
     """
 
     features: int
     strides: int = 1
     groups: int = 4
     conv_impl: str = "auto"
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z):
         if self.features % self.groups:
             raise ValueError(f"GroupNorm groups ({self.groups}) must divide the channels ({self.features})")
         s = (self.strides, self.strides)
-        h = Conv(self.features, strides=s, impl=self.conv_impl, name="conv1")(z)
-        h = nn.relu(nn.GroupNorm(num_groups=self.groups, name="gn1")(h))
-        h = Conv(self.features, impl=self.conv_impl, name="conv2")(h)
-        h = nn.GroupNorm(num_groups=self.groups, name="gn2")(h)
+        conv = dict(impl=self.conv_impl, dtype=self.dtype)
+        h = Conv(self.features, strides=s, **conv, name="conv1")(z)
+        h = nn.relu(nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, name="gn1")(h))
+        h = Conv(self.features, **conv, name="conv2")(h)
+        h = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, name="gn2")(h)
         return nn.relu(h + option_a_shortcut(z, self.features, self.strides))
 
 
@@ -117,6 +121,8 @@ class ResNet20(nn.Module):
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
       conv_impl: convolution implementation (:mod:`wtjax.conv`).
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -130,6 +136,7 @@ class ResNet20(nn.Module):
     scan: bool = True
     remat_policy: str | None = None
     conv_impl: str = "auto"
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -155,29 +162,31 @@ class ResNet20(nn.Module):
                 f"blocks_per_stage must be >= 2 (one untied + a tie), got {self.blocks_per_stage}"
             )
         w = resolve_width(self.size, self.width, RESNET20_SIZES, "ResNet20")
-        x = Conv(w, impl=self.conv_impl, name="stem_conv")(images)
-        z = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_gn")(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = Conv(w, impl=self.conv_impl, dtype=dtype, name="stem_conv")(precision.cast(images, dtype))
+        z = nn.relu(nn.GroupNorm(num_groups=self.groups, dtype=dtype, name="stem_gn")(x))
         stem = z
         outputs = []
         for s, features in enumerate((w, 2 * w, 4 * w)):
             z = BasicBlock(
-                features, 1 if s == 0 else 2, self.groups, self.conv_impl, name=f"stage{s + 1}_block0"
+                features, 1 if s == 0 else 2, self.groups, self.conv_impl, dtype, name=f"stage{s + 1}_block0"
             )(z)
             tied = Tied(
-                BasicBlock(features, 1, self.groups, self.conv_impl),
+                BasicBlock(features, 1, self.groups, self.conv_impl, dtype),
                 depth=self.blocks_per_stage - 1,
                 mask_mode=self.mask_mode if self.form == "tied" else "dense",
                 mask=self.mask,
                 scan=self.scan,
                 remat_policy=self.remat_policy,
                 shared=self.form == "tied",
+                dtype=self.dtype,
                 name=f"stage{s + 1}_tied",
             )
             result = tied(z, depth=depth, deterministic=not train, return_intermediates=return_intermediates)
             z, zs = result if return_intermediates else (result, None)
             outputs.append(zs)
         pooled = jnp.mean(z, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"stem": stem, "pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = tuple(outputs)

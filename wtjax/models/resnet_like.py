@@ -16,6 +16,7 @@ bias-free 3x3 convs and three GroupNorms), the stem ``27*C + 2*C`` and the head 
 widths; ``size='small'`` (C=44: 36,838) and ``size='large'`` (C=172: 540,262) are the multiples of
 the 4 GroupNorm groups nearest its Table 1b counts for the weight-tied ResNet (35k and 0.53M).
 ``width=`` (default 64, the width of the performance notes) is used when ``size`` is None.
+``dtype`` is the compute dtype (mixed precision policy: :mod:`wtjax.precision`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.conv import Conv
 from wtjax.masks import MaskSpec
 from wtjax.tied import Tied
@@ -35,18 +37,20 @@ class ResidualInjectionBlock(nn.Module):
     """``f(z, x) = GN(relu(z + GN(x + conv2(GN(relu(conv1(z)))))))``: the tied block of the model.
 
     It is the shared inner block of the weight-tied model and of the DEQ (same parameter space).
+    ``dtype``: compute dtype of the convolutions and norm outputs (``None``: promotion).
     """
 
     width: int
     groups: int = 4
     conv_impl: str = "auto"
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z, x):
-        norm = lambda name: nn.GroupNorm(num_groups=self.groups, name=name)  # noqa: E731
-        h = Conv(self.width, impl=self.conv_impl, name="conv1")(z)
+        norm = lambda name: nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, name=name)  # noqa: E731
+        h = Conv(self.width, impl=self.conv_impl, dtype=self.dtype, name="conv1")(z)
         h = norm("gn1")(nn.relu(h))
-        h = Conv(self.width, impl=self.conv_impl, name="conv2")(h)
+        h = Conv(self.width, impl=self.conv_impl, dtype=self.dtype, name="conv2")(h)
         h = norm("gn2")(x + h)
         return norm("gn3")(nn.relu(z + h))
 
@@ -66,7 +70,11 @@ class ResNetLike(nn.Module):
       groups: GroupNorm groups.
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
+      checkpoint_every: depth-memory mode of the tie (:class:`~wtjax.tied.Tied`): ``None``, an int
+        or ``'sqrt'``.
       conv_impl: convolution implementation (:mod:`wtjax.conv`).
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -79,7 +87,9 @@ class ResNetLike(nn.Module):
     groups: int = 4
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None
     conv_impl: str = "auto"
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -96,16 +106,19 @@ class ResNetLike(nn.Module):
         if self.size is not None and self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose one of {sorted(SIZES)} or set width")
         width = SIZES[self.size] if self.size else self.width
-        x = Conv(width, impl=self.conv_impl, name="stem_conv")(images)
-        x = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_gn")(x))
+        dtype = precision.layer_dtype(self.dtype)
+        x = Conv(width, impl=self.conv_impl, dtype=dtype, name="stem_conv")(precision.cast(images, dtype))
+        x = nn.relu(nn.GroupNorm(num_groups=self.groups, dtype=dtype, name="stem_gn")(x))
         tied = Tied(
-            ResidualInjectionBlock(width, self.groups, self.conv_impl),
+            ResidualInjectionBlock(width, self.groups, self.conv_impl, dtype),
             depth=self.depth,
             mask_mode=self.mask_mode if self.form == "tied" else "dense",
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            checkpoint_every=self.checkpoint_every,
             shared=self.form == "tied",
+            dtype=self.dtype,
             name="tied",
         )
         result = tied(
@@ -117,7 +130,7 @@ class ResNetLike(nn.Module):
         )
         z, zs = result if return_intermediates else (result, None)
         pooled = jnp.mean(z, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"stem": x, "pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = zs

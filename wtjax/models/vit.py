@@ -28,6 +28,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
+
 #: Standard sizes (ViT paper Table 1; Ti/S from AugReg, "How to train your ViT?").
 VARIANTS = {
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -57,14 +59,19 @@ def vit_fields(variant: str) -> dict:
 
 
 class MlpBlock(nn.Module):
-    """Transformer feed-forward block: ``Dense_1(dropout(gelu(Dense_0(x))))``."""
+    """Transformer feed-forward block: ``Dense_1(dropout(gelu(Dense_0(x))))`` (``dtype``: compute dtype)."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool = True):
-        init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
+        init = dict(
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(1e-6),
+            dtype=self.dtype,
+        )
         y = nn.Dense(self.mlp_dim, name="Dense_0", **init)(x)
         y = nn.gelu(y)  # tanh approximation: flax default, what the checkpoints used
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -83,12 +90,15 @@ class EncoderBlock(nn.Module):
       num_heads: attention heads (``width % num_heads == 0``).
       dropout_rate: dropout after attention and inside/after the MLP.
       attention_dropout_rate: dropout on the attention weights.
+      dtype: compute dtype (``None``: promotion); the attention softmax then runs in float32
+        (:func:`wtjax.precision.attention_kwargs`).
     """
 
     mlp_dim: int
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool = True):
@@ -96,9 +106,10 @@ class EncoderBlock(nn.Module):
             raise ValueError(f"EncoderBlock expects (batch, tokens, width), got shape {x.shape}")
         if x.shape[-1] % self.num_heads:
             raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={self.num_heads}")
-        y = nn.LayerNorm(name="LayerNorm_0")(x)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
+            **precision.attention_kwargs(self.dtype),
             kernel_init=nn.initializers.xavier_uniform(),
             broadcast_dropout=False,
             dropout_rate=self.attention_dropout_rate,
@@ -107,8 +118,10 @@ class EncoderBlock(nn.Module):
         )(y, y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + y
-        y = nn.LayerNorm(name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, name="MlpBlock_3")(y, deterministic=deterministic)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+            y, deterministic=deterministic
+        )
         return x + y
 
 
@@ -127,6 +140,8 @@ class ViT(nn.Module):
       representation_size: width of the tanh ``pre_logits`` layer (in21k checkpoints: = width);
         ``None`` drops it (the fine-tuning default of vision_transformer).
       dropout_rate, attention_dropout_rate: dropout rates (0 in fine-tuning).
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 1000
@@ -139,6 +154,7 @@ class ViT(nn.Module):
     representation_size: int | None = None
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
@@ -149,36 +165,40 @@ class ViT(nn.Module):
         p = self.patch_size
         if images.shape[1] % p or images.shape[2] % p:
             raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size={p}")
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+        dtype = precision.layer_dtype(self.dtype)
+        embed = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")
+        x = embed(precision.cast(images, dtype))
         n, h, w, c = x.shape
         x = x.reshape(n, h * w, c)
         if self.classifier == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-            x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
         encoder = Encoder(
             self.depth,
             self.mlp_dim,
             self.num_heads,
             self.dropout_rate,
             self.attention_dropout_rate,
+            dtype,
             name="Transformer",
         )
         x, block_outputs = encoder(x, train=train)
         x = x[:, 0] if self.classifier == "token" else x.mean(axis=1)
         if self.representation_size is not None:
-            x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+            x = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
         out = {"pre_logits": x}
         if return_intermediates:
             out["block_outputs"] = jnp.stack(block_outputs)
         if self.num_classes:
-            x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x)
-        return x, out
+            x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=dtype, name="head")(x)
+        return precision.upcast(x), out
 
 
 class Encoder(nn.Module):
     """The ``Transformer`` scope: ``posembed_input`` + ``depth`` ``encoderblock_*`` + ``encoder_norm``.
 
-    Returns ``(encoded, block_outputs)``, the latter a list of each block's output.
+    Returns ``(encoded, block_outputs)``, the latter a list of each block's output. ``dtype``:
+    compute dtype (``None``: promotion).
     """
 
     depth: int
@@ -186,6 +206,7 @@ class Encoder(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -198,17 +219,21 @@ class Encoder(nn.Module):
                 self.num_heads,
                 self.dropout_rate,
                 self.attention_dropout_rate,
+                self.dtype,
                 name=f"encoderblock_{i}",
             )
             x = block(x, deterministic=not train)
             outputs.append(x)
-        return nn.LayerNorm(name="encoder_norm")(x), outputs
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), outputs
 
 
 class AddPositionEmbs(nn.Module):
-    """Adds a learned ``pos_embedding`` of shape ``(1, tokens, width)`` (init N(0, 0.02), as BERT)."""
+    """Adds a learned ``pos_embedding`` of shape ``(1, tokens, width)`` (init N(0, 0.02), as BERT).
+
+    The float32 embedding is cast to the tokens' dtype, so bfloat16 tokens stay bfloat16.
+    """
 
     @nn.compact
     def __call__(self, x):
         pe = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
-        return x + pe
+        return x + pe.astype(x.dtype)

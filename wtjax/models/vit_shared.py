@@ -14,6 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wtjax import precision
 from wtjax.masks import MaskSpec
 from wtjax.models import spin
 from wtjax.models.vit import AddPositionEmbs, EncoderBlock
@@ -30,11 +31,17 @@ class EncoderLayer(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     deterministic: bool = True
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
         block = EncoderBlock(
-            self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, name="block"
+            self.mlp_dim,
+            self.num_heads,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            self.dtype,
+            name="block",
         )
         return block(x, deterministic=self.deterministic)
 
@@ -63,6 +70,8 @@ class SharedViT(nn.Module):
         in ``all``/``attention``/``mlp``.
       mask_mode, mask: masks on the reused kernels.
       scan, remat_policy: loop implementation.
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+        and logits stay float32.
     """
 
     num_classes: int = 10
@@ -86,6 +95,7 @@ class SharedViT(nn.Module):
     mask: MaskSpec = MaskSpec(density=0.9)
     scan: bool = True
     remat_policy: str | None = None
+    dtype: str = "float32"
 
     @property
     def share_predicate(self):
@@ -97,11 +107,13 @@ class SharedViT(nn.Module):
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
         p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+        dtype = precision.layer_dtype(self.dtype)
+        embed = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")
+        x = embed(precision.cast(images, dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.classifier == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-            x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (x.shape[0], 1, 1)), x], axis=1)
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         layer = EncoderLayer(
@@ -110,6 +122,7 @@ class SharedViT(nn.Module):
             self.dropout_rate,
             self.attention_dropout_rate,
             deterministic=not train,
+            dtype=dtype,
         )
         tied = Tied(
             layer,
@@ -118,14 +131,15 @@ class SharedViT(nn.Module):
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            dtype=self.dtype,
             name="encoder",
             **spin.tie_kwargs(self, self.share_predicate),
         )
         result = tied(x, deterministic=not train, return_intermediates=return_intermediates)
         x, xs = result if return_intermediates else (result, None)
-        x = nn.LayerNorm(name="encoder_norm")(x)
+        x = nn.LayerNorm(dtype=dtype, name="encoder_norm")(x)
         pooled = x[:, 0] if self.classifier == "token" else x.mean(axis=1)
-        logits = nn.Dense(self.num_classes, name="head")(pooled)
+        logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = xs

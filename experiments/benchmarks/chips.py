@@ -1,0 +1,141 @@
+"""Public peak figures of accelerator chips, roofline bounds, and the accelerators.md renderer.
+
+Peaks are the vendors' published per-chip numbers (dense bfloat16 matmul FLOP/s, HBM bandwidth,
+HBM capacity): Cloud TPU v5e 197 TFLOP/s, 819 GB/s, 16 GiB; NVIDIA H100 SXM 989 TFLOP/s (dense,
+no sparsity), 3.35 TB/s, 80 GB. The float32 rows are compared against the same bfloat16 peak (TPU
+matmuls run float32 as several bf16 passes; H100 float32 uses TF32 tensor cores at half that peak),
+so their MFU reads as a fraction of what the chip could do in bf16.
+
+A roofline bound is a *lower bound* on step time: ``max(FLOPs / peak FLOP/s, bytes / bandwidth)``.
+FLOPs are :func:`wtjax.aot.jaxpr_flops` (matmul/conv, scans counted K times); bytes are XLA's
+"bytes accessed", which counts each loop body once and so undercounts: the bound stays a lower
+bound, only a looser one. The GPU compiler gives no cost analysis, so GPU bounds use FLOPs alone.
+MFU at the bound is an upper bound on what a real run can reach.
+"""
+
+from __future__ import annotations
+
+CHIPS = {
+    "TPU v5 lite": dict(peak_flops=197e12, hbm_bandwidth=819e9, hbm_bytes=16 * 2**30),
+    "NVIDIA H100 80GB HBM3": dict(peak_flops=989e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9),
+}
+MIB = 2**20
+
+
+def chip(kind: str) -> dict | None:
+    """The figures of a device kind (``device.device_kind``); ``None`` for an unknown chip."""
+    if kind in CHIPS:
+        return CHIPS[kind]
+    return CHIPS["NVIDIA H100 80GB HBM3"] if "H100" in kind else None
+
+
+def roofline(entry: dict) -> tuple[float | None, float | None]:
+    """``(step time lower bound in s, MFU at that bound)`` of a compile entry, or ``(None, None)``."""
+    spec = chip(entry.get("device_kind", ""))
+    if spec is None or "model_flops" not in entry:
+        return None, None
+    t = entry["model_flops"] / spec["peak_flops"]
+    if entry.get("xla_bytes"):
+        t = max(t, entry["xla_bytes"] / spec["hbm_bandwidth"])
+    return t, entry["model_flops"] / (t * spec["peak_flops"])
+
+
+def fits(entry: dict) -> str:
+    spec = chip(entry.get("device_kind", ""))
+    if "error" in entry:
+        return "no: " + entry["error"][:80]
+    if spec is None:
+        return "?"
+    return "yes" if entry["peak_bytes"] <= spec["hbm_bytes"] else "**no**"
+
+
+def one_line(entry: dict) -> str:
+    """A progress line for one compile."""
+    if "error" in entry:
+        return entry["error"]
+    t, mfu = roofline(entry)
+    bound = f", bound {t * 1e3:.2f} ms (MFU {mfu:.2f})" if t else ""
+    return f"{entry['compile_s']:.1f} s compile, peak {entry['peak_bytes'] / MIB:,.0f} MiB{bound}"
+
+
+def _families_table(results: dict) -> list[str]:
+    rows = [
+        "| model (paper shape) | target | dtype | batch | compile s | peak MiB/device | temp MiB | fits HBM "
+        "| GFLOP/step/device | bound ms | MFU at bound | host callbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, e in results.items():
+        if not key.startswith("families|"):
+            continue
+        _, name, target, dtype = key.split("|")
+        if "error" in e:
+            rows.append(f"| {name} | {target} | {dtype} | | | | | {fits(e)} | | | | |")
+            continue
+        t, mfu = roofline(e)
+        bound = f"{t * 1e3:.2f} | {mfu:.2f}" if t else "| "
+        rows.append(
+            f"| {name} | {target} | {dtype} | {e['global_batch']} | {e['compile_s']:.0f} "
+            f"| {e['peak_bytes'] / MIB:,.0f} | {e['temp_bytes'] / MIB:,.0f} | {fits(e)} "
+            f"| {e['model_flops'] / 1e9:.1f} | {bound} | {', '.join(e['host_callbacks']) or 'none'} |"
+        )
+    return rows
+
+
+def _depth_table(results: dict) -> list[str]:
+    rows = ["| target | mode | K | peak MiB/device | temp MiB | GFLOP/step/device (incl. recompute) |"]
+    rows.append("|---|---|---|---|---|---|")
+    for key, e in results.items():
+        if key.startswith("depth|") and "error" not in e:
+            _, target, mode, k = key.split("|")
+            rows.append(
+                f"| {target} | {mode} | {k[2:]} | {e['peak_bytes'] / MIB:,.0f} | {e['temp_bytes'] / MIB:,.0f} "
+                f"| {e['model_flops'] / 1e9:.1f} |"
+            )
+    return rows
+
+
+def _compile_table(results: dict) -> list[str]:
+    rows = ["| model | compile s at K=4 | compile s at K=32 | ratio |", "|---|---|---|---|"]
+    names = sorted({k.split("|")[1] for k in results if k.startswith("compile|")})
+    for name in names:
+        a, b = results.get(f"compile|{name}|K=4", {}), results.get(f"compile|{name}|K=32", {})
+        if "compile_s" in a and "compile_s" in b:
+            rows.append(
+                f"| {name} | {a['compile_s']:.0f} | {b['compile_s']:.0f} | {b['compile_s'] / a['compile_s']:.2f} |"
+            )
+    return rows
+
+
+def render(results: dict) -> str:
+    """``accelerators.md`` from the matrix results (see ``aot_matrix.py``)."""
+    lines = [
+        "# Accelerator compile matrix (deviceless AOT, generated by `aot_matrix.py`)",
+        "",
+        "Every number here comes from **compiling** for a device description on a CPU-only machine;",
+        "nothing was run on a TPU or GPU. Memory is XLA's per-device figure; step times are roofline",
+        "lower bounds (see `chips.py`), not measurements. Compile times are wall time of the CPU",
+        "host running the compiler (noisy: other work shared its cores).",
+        "",
+        "## Every family at its paper shape",
+        "",
+        *_families_table(results),
+        "",
+        "## Depth-memory modes (ResNet-like, width 64, batch 128, multi-mask)",
+        "",
+        "`store`: every reuse's activations kept; `remat`: `remat_policy='nothing_saveable'` (one",
+        "carry per reuse); `sqrt`: `checkpoint_every='sqrt'` (a carry every ~sqrt(K) reuses, segments",
+        "recomputed).",
+        "",
+        *_depth_table(results),
+        "",
+        "## Compile time against depth (TPU v5e-8, float32)",
+        "",
+        *_compile_table(results),
+        "",
+        "## Multi-host",
+        "",
+    ]
+    for key, e in results.items():
+        if key.startswith("multihost|"):
+            lines.append(f"- {key.split('|')[1]}: {one_line(e)}, {e.get('num_processes', '?')} processes")
+    return "\n".join(lines) + "\n"
