@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-
 from train_utils import load_config
+
 from wtjax import aot, parallel
 
 H100 = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "targets" / "h100_sxm.pbtxt"
@@ -58,27 +58,36 @@ def test_resnet_like_step_compiles_for_tpu_v5e_8(tpu):
     assert report.xla_flops < report.model_flops < 4 * report.xla_flops
 
 
-def test_auto_convolutions_follow_the_target_not_the_host(gpu):
-    """On a CPU host, 'auto' compiles to cuDNN's own backward convolutions for a GPU target."""
+def _im2col_kernel_grads(impl: str, devices) -> int:
+    """How many im2col kernel gradients (the input seen as ``(Ci, H, W, N)``: a transpose with
+    dims [3, 1, 2, 0]) the step's program lowered for ``devices`` contains."""
+    mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+    step, args = aot.abstract_step_args(_resnet(batch=16, conv_impl=impl), mesh, *CIFAR)
+    text = parallel.jit_train_step(step, mesh).lower(*args).as_text()
+    return len(re.findall(r"dims = \[3, 1, 2, 0\]", text))
 
-    def conv_calls(impl):
-        report = aot.compile_train_step(_resnet(batch=16, conv_impl=impl), gpu, *CIFAR)
-        assert report.host_callbacks == [] and report.platform == "gpu"
-        return set(re.findall(r'custom_call_target="(__cudnn\$conv\w*)"', report.compiled.as_text()))
 
-    auto, im2col = conv_calls("auto"), conv_calls("im2col")
-    assert "__cudnn$convBackwardFilter" in auto and "__cudnn$convBackwardInput" in auto
-    assert not any("Backward" in c for c in im2col)  # the CPU workaround's gradients are forward convs
+def test_auto_convolutions_follow_the_target_not_the_host(tpu, gpu):
+    """On a CPU host, 'auto' lowers to XLA's native convolutions for TPU and GPU targets and to the
+    im2col workaround for CPU (3 tied/stem convs: 3 kernel gradients)."""
+    assert _im2col_kernel_grads("im2col", tpu) == 3
+    assert _im2col_kernel_grads("auto", tpu) == _im2col_kernel_grads("auto", gpu) == 0
+    assert _im2col_kernel_grads("auto", jax.devices()[:1]) == 3
+    report = aot.compile_train_step(_resnet(batch=16), gpu, *CIFAR)
+    assert report.platform == "gpu" and report.host_callbacks == []
+    assert report.peak_bytes < 80e9  # the GPU compiler does not refuse what does not fit: check
 
 
 def test_sqrt_checkpointing_keeps_memory_flat_in_depth(tpu):
-    def temp(depth, **model):
-        return aot.compile_train_step(_resnet(f"width=16,depth={depth}", 64, **model), tpu, *CIFAR).temp_bytes
+    """The issue's goal, at a smaller shape: peak memory at K=32 within 3x of K=4 (measured at
+    width 64, batch 128 in accelerators.md); storing every reuse grows ~linearly instead."""
 
-    sqrt4, sqrt32 = temp(4, checkpoint_every="sqrt"), temp(32, checkpoint_every="sqrt")
-    store32 = temp(32)
+    def peak(depth, **model):
+        return aot.compile_train_step(_resnet(f"width=32,depth={depth}", 64, **model), tpu, *CIFAR).peak_bytes
+
+    sqrt4, sqrt32 = peak(4, checkpoint_every="sqrt"), peak(32, checkpoint_every="sqrt")
     assert sqrt32 <= 3 * sqrt4
-    assert store32 > 4 * sqrt32
+    assert peak(32) > 4 * sqrt32
 
 
 def test_two_host_slice_feeds_each_process_its_own_rows(tpu):
@@ -114,3 +123,14 @@ def test_jaxpr_flops_counts_every_reuse_like_the_unrolled_program():
 def _step_and_args(config, mesh):
     step, args = aot.abstract_step_args(config, mesh, (8, 8, 3), 10)
     return (step, *args)
+
+
+def test_bfloat16_halves_activation_memory_and_runs_bf16_convolutions(tpu):
+    def compiled(dtype):
+        return aot.compile_train_step(_resnet("width=32,depth=4", 64, dtype=dtype), tpu, *CIFAR)
+
+    f32, bf16 = compiled("float32"), compiled("bfloat16")
+    assert bf16.temp_bytes < 0.65 * f32.temp_bytes
+    convs = re.findall(r"= (\w+)\[[^\]]*\][^ ]* convolution\(", bf16.compiled.as_text())
+    assert convs and set(convs) == {"bf16"}
+    assert bf16.argument_bytes == f32.argument_bytes  # float32 parameters and optimizer state

@@ -88,8 +88,8 @@ def _depth_table(results: dict) -> list[str]:
         if key.startswith("depth|") and "error" not in e:
             _, target, mode, k = key.split("|")
             rows.append(
-                f"| {target} | {mode} | {k[2:]} | {e['peak_bytes'] / MIB:,.0f} | {e['temp_bytes'] / MIB:,.0f} "
-                f"| {e['model_flops'] / 1e9:.1f} |"
+                f"| {target} | {mode} | {k[2:]} | {e['peak_bytes'] / MIB:,.0f} "
+                f"| {e['temp_bytes'] / MIB:,.0f} | {e['model_flops'] / 1e9:.1f} |"
             )
     return rows
 
@@ -101,7 +101,8 @@ def _compile_table(results: dict) -> list[str]:
         a, b = results.get(f"compile|{name}|K=4", {}), results.get(f"compile|{name}|K=32", {})
         if "compile_s" in a and "compile_s" in b:
             rows.append(
-                f"| {name} | {a['compile_s']:.0f} | {b['compile_s']:.0f} | {b['compile_s'] / a['compile_s']:.2f} |"
+                f"| {name} | {a['compile_s']:.0f} | {b['compile_s']:.0f} "
+                f"| {b['compile_s'] / a['compile_s']:.2f} |"
             )
     return rows
 
