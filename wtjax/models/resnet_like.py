@@ -47,7 +47,8 @@ class ResidualInjectionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, z, x):
-        norm = lambda name: nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, name=name)  # noqa: E731
+        group_norm = precision.norm_class(nn.GroupNorm, self.dtype)
+        norm = lambda name: group_norm(num_groups=self.groups, dtype=self.dtype, name=name)  # noqa: E731
         h = Conv(self.width, impl=self.conv_impl, dtype=self.dtype, name="conv1")(z)
         h = norm("gn1")(nn.relu(h))
         h = Conv(self.width, impl=self.conv_impl, dtype=self.dtype, name="conv2")(h)
@@ -108,7 +109,9 @@ class ResNetLike(nn.Module):
         width = SIZES[self.size] if self.size else self.width
         dtype = precision.layer_dtype(self.dtype)
         x = Conv(width, impl=self.conv_impl, dtype=dtype, name="stem_conv")(precision.cast(images, dtype))
-        x = nn.relu(nn.GroupNorm(num_groups=self.groups, dtype=dtype, name="stem_gn")(x))
+        x = nn.relu(
+            precision.norm_class(nn.GroupNorm, dtype)(num_groups=self.groups, dtype=dtype, name="stem_gn")(x)
+        )
         tied = Tied(
             ResidualInjectionBlock(width, self.groups, self.conv_impl, dtype),
             depth=self.depth,
