@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -261,3 +262,25 @@ def test_user_model_with_public_tied_block_trains():
     params = optax.apply_updates(params, updates)
     loss1, _ = value_and_grad(params)
     assert np.isfinite(loss1) and float(loss1) < float(loss0)
+
+
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("mlp", dict(width=16, depth=4)),
+        ("resnet20", dict(size="small", form="tied")),
+        ("cct", dict(embed_dim=16, num_heads=2, depth=4)),
+        ("convmixer", dict(width=8, depth=4, patch_size=2, kernel_size=3)),
+    ],
+)
+def test_checkpointed_depth_memory_keeps_every_family_s_gradients(name, fields):
+    """``checkpoint_every`` reaches each family's tie and changes only what is stored."""
+    plain = build_model(name, num_classes=4, **fields)
+    segmented = build_model(name, num_classes=4, checkpoint_every=2, **fields)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    params = plain.init(jax.random.PRNGKey(1), images)
+
+    def grads(model):
+        return jax.grad(lambda p: jnp.sum(model.apply(p, images, train=False)[0]))(params)
+
+    chex.assert_trees_all_close(grads(segmented), grads(plain), atol=1e-5, rtol=1e-4)

@@ -112,6 +112,7 @@ class ConvMixer(nn.Module):
     mask: MaskSpec = MaskSpec()
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
     dtype: str = "float32"
 
     @property
@@ -134,6 +135,7 @@ class ConvMixer(nn.Module):
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            checkpoint_every=self.checkpoint_every,
             dtype=self.dtype,
             name="mixer",
             **spin.tie_kwargs(self, self.share_predicate),

@@ -98,6 +98,7 @@ class MLP(nn.Module):
     mask: MaskSpec = MaskSpec()
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
     dtype: str = "float32"
 
     @nn.compact
@@ -130,6 +131,7 @@ class MLP(nn.Module):
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            checkpoint_every=self.checkpoint_every,
             shared=self.form == "tied",
             dtype=self.dtype,
             name="tied",

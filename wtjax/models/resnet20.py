@@ -135,6 +135,7 @@ class ResNet20(nn.Module):
     groups: int = 4
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
     conv_impl: str = "auto"
     dtype: str = "float32"
 
@@ -178,6 +179,7 @@ class ResNet20(nn.Module):
                 mask=self.mask,
                 scan=self.scan,
                 remat_policy=self.remat_policy,
+                checkpoint_every=self.checkpoint_every,
                 shared=self.form == "tied",
                 dtype=self.dtype,
                 name=f"stage{s + 1}_tied",

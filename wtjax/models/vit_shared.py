@@ -95,6 +95,7 @@ class SharedViT(nn.Module):
     mask: MaskSpec = MaskSpec(density=0.9)
     scan: bool = True
     remat_policy: str | None = None
+    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
     dtype: str = "float32"
 
     @property
@@ -131,6 +132,7 @@ class SharedViT(nn.Module):
             mask=self.mask,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            checkpoint_every=self.checkpoint_every,
             dtype=self.dtype,
             name="encoder",
             **spin.tie_kwargs(self, self.share_predicate),
