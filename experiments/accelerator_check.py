@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.benchmarks.chips import peak_for  # noqa: E402
 from wtjax import aot, config_schema, metrics, optim, parallel, steps  # noqa: E402
 
 CONFIGS = ROOT / "configs"
@@ -67,24 +67,6 @@ PAPER = dict(width=44, depth=8, batch=128, image_shape=(32, 32, 3), steps=20, wa
 SMALL = dict(width=8, depth=4, batch=16, image_shape=(32, 32, 3), steps=3, warmup=1)
 COMPILE_DEPTHS = (4, 32)
 DTYPES = ("float32", "bfloat16")
-
-# Public peak dense (no sparsity) bfloat16 matmul FLOP/s and HBM bytes per *JAX device*, matched
-# in order against the lowercased device kind. On TPU v2/v3 a JAX device is one of a chip's two
-# TensorCores (half the chip); from v4 on it is a whole chip. float32 steps are compared against
-# the same bf16 peak, so their MFU reads as a fraction of what the chip does in bfloat16.
-PEAKS = (
-    (r"tpu v6( lite|e)", 918e12, 32 * GIB, "TPU v6e chip: 918 TFLOP/s bf16, 32 GiB"),
-    (r"tpu v5( lite|e)", 197e12, 16 * GIB, "TPU v5e chip: 197 TFLOP/s bf16, 16 GiB"),
-    (r"tpu v5p?\b", 459e12, 95 * GIB, "TPU v5p chip: 459 TFLOP/s bf16, 95 GiB"),
-    (r"tpu v4", 275e12, 32 * GIB, "TPU v4 chip: 275 TFLOP/s bf16, 32 GiB"),
-    (r"tpu v3", 61.5e12, 16 * GIB, "TPU v3 core (half of a 123 TFLOP/s, 32 GiB chip)"),
-    (r"tpu v2", 22.5e12, 8 * GIB, "TPU v2 core (half of a 45 TFLOP/s, 16 GiB chip)"),
-    (r"h100.*pcie", 756e12, 80e9, "H100 PCIe: 756 TFLOP/s bf16 dense, 80 GB"),
-    (r"h100", 989e12, 80e9, "H100 SXM: 989 TFLOP/s bf16 dense, 80 GB"),
-    (r"a100", 312e12, None, "A100: 312 TFLOP/s bf16 dense (40 or 80 GB: see memory_limit_bytes)"),
-    (r"\bl4\b", 121e12, 24e9, "L4: 121 TFLOP/s bf16 dense, 24 GB"),
-    (r"\bt4\b", 65e12, 16e9, "T4: 65 TFLOP/s float16 (no bfloat16 tensor cores), 16 GB"),
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,15 +136,6 @@ def _jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     return str(x)
-
-
-def peak_for(device_kind: str) -> dict | None:
-    """The public peak of a device kind (first match of :data:`PEAKS`), or None if unknown."""
-    kind = device_kind.lower()
-    for pattern, flops, hbm, source in PEAKS:
-        if re.search(pattern, kind):
-            return {"peak_flops_per_device": flops, "hbm_bytes_per_device": hbm, "peak_source": source}
-    return None
 
 
 def memory_stats() -> dict:

@@ -95,11 +95,11 @@ def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_class
 
     ``args`` is ``(state, batch)``, plus the frozen pretrained parameters for a LoRA fine-tuning
     config (``config.lora``; their shapes come from the model, no checkpoint is read). The optimizer
-    schedule is built for a nominal 1,000-step run (its length does not change the program).
+    schedule is built for a nominal 10^6-step run (its length does not change the program).
     Arrays are ``jax.ShapeDtypeStruct`` with the job's shardings.
     """
     model = config_schema.build_model(config.model, num_classes)
-    tx, schedule = optim.create_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
+    tx, schedule = optim.create_optimizer(config.optim, total_steps=10**6, steps_per_epoch=100)
     key = jax.random.PRNGKey(config.seed)
     image_shape = tuple(image_shape)
     finetune = lora_finetune.from_config(config.lora) if config.get("lora") is not None else None

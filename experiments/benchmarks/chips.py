@@ -15,18 +15,52 @@ MFU at the bound is an upper bound on what a real run can reach.
 
 from __future__ import annotations
 
-CHIPS = {
-    "TPU v5 lite": dict(peak_flops=197e12, hbm_bandwidth=819e9, hbm_bytes=16 * 2**30),
-    "NVIDIA H100 80GB HBM3": dict(peak_flops=989e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9),
-}
-MIB = 2**20
+import re
+
+GIB, MIB = 2**30, 2**20
+
+# Public peak dense (no sparsity) bfloat16 matmul FLOP/s and HBM bytes per *JAX device*, matched
+# in order against the lowercased device kind. On TPU v2/v3 a JAX device is one of a chip's two
+# TensorCores (half the chip); from v4 on it is a whole chip. float32 steps are compared against
+# the same bf16 peak, so their MFU reads as a fraction of what the chip does in bfloat16.
+PEAKS = (  # (pattern, peak FLOP/s, HBM bytes, source)
+    (r"tpu v6( lite|e)", 918e12, 32 * GIB, "TPU v6e chip: 918 TFLOP/s bf16, 32 GiB"),
+    (r"tpu v5( lite|e)", 197e12, 16 * GIB, "TPU v5e chip: 197 TFLOP/s bf16, 16 GiB"),
+    (r"tpu v5p?\b", 459e12, 95 * GIB, "TPU v5p chip: 459 TFLOP/s bf16, 95 GiB"),
+    (r"tpu v4", 275e12, 32 * GIB, "TPU v4 chip: 275 TFLOP/s bf16, 32 GiB"),
+    (r"tpu v3", 61.5e12, 16 * GIB, "TPU v3 core (half of a 123 TFLOP/s, 32 GiB chip)"),
+    (r"tpu v2", 22.5e12, 8 * GIB, "TPU v2 core (half of a 45 TFLOP/s, 16 GiB chip)"),
+    (r"h100.*pcie", 756e12, 80e9, "H100 PCIe: 756 TFLOP/s bf16 dense, 80 GB"),
+    (r"h100", 989e12, 80e9, "H100 SXM: 989 TFLOP/s bf16 dense, 80 GB"),
+    (r"a100", 312e12, None, "A100: 312 TFLOP/s bf16 dense (40 or 80 GB: see memory_limit_bytes)"),
+    (r"\bl4\b", 121e12, 24e9, "L4: 121 TFLOP/s bf16 dense, 24 GB"),
+    (r"\bt4\b", 65e12, 16e9, "T4: 65 TFLOP/s float16 (no bfloat16 tensor cores), 16 GB"),
+)
+
+
+# HBM bandwidth (bytes/s) per chip, for the roofline of the compile targets.
+BANDWIDTH = {"TPU v5 lite": 819e9, "NVIDIA H100 80GB HBM3": 3.35e12}
+
+
+def peak_for(device_kind: str) -> dict | None:
+    """The public peak of a device kind (first match of :data:`PEAKS`), or None if unknown."""
+    kind = device_kind.lower()
+    for pattern, flops, hbm, source in PEAKS:
+        if re.search(pattern, kind):
+            return {"peak_flops_per_device": flops, "hbm_bytes_per_device": hbm, "peak_source": source}
+    return None
 
 
 def chip(kind: str) -> dict | None:
-    """The figures of a device kind (``device.device_kind``); ``None`` for an unknown chip."""
-    if kind in CHIPS:
-        return CHIPS[kind]
-    return CHIPS["NVIDIA H100 80GB HBM3"] if "H100" in kind else None
+    """Peak FLOP/s, HBM bandwidth and capacity of a device kind; ``None`` for an unknown chip."""
+    peak = peak_for(kind)
+    if peak is None:
+        return None
+    return dict(
+        peak_flops=peak["peak_flops_per_device"],
+        hbm_bandwidth=BANDWIDTH.get(kind),
+        hbm_bytes=peak["hbm_bytes_per_device"],
+    )
 
 
 def roofline(entry: dict) -> tuple[float | None, float | None]:
@@ -35,7 +69,7 @@ def roofline(entry: dict) -> tuple[float | None, float | None]:
     if spec is None or "model_flops" not in entry:
         return None, None
     t = entry["model_flops"] / spec["peak_flops"]
-    if entry.get("xla_bytes"):
+    if entry.get("xla_bytes") and spec["hbm_bandwidth"]:
         t = max(t, entry["xla_bytes"] / spec["hbm_bandwidth"])
     return t, entry["model_flops"] / (t * spec["peak_flops"])
 
@@ -44,7 +78,7 @@ def fits(entry: dict) -> str:
     spec = chip(entry.get("device_kind", ""))
     if "error" in entry:
         return "no: " + entry["error"][:80]
-    if spec is None:
+    if spec is None or spec["hbm_bytes"] is None:
         return "?"
     return "yes" if entry["peak_bytes"] <= spec["hbm_bytes"] else "**no**"
 
@@ -72,7 +106,12 @@ def _families_table(results: dict) -> list[str]:
             rows.append(f"| {name} | {target} | {dtype} | | | | | {fits(e)} | | | | |")
             continue
         t, mfu = roofline(e)
-        bound = f"{t * 1e3:.2f} | {mfu:.2f}" if t else "| "
+        if t is None:
+            bound = " | "
+        elif not e.get("xla_bytes"):  # FLOPs alone: MFU at that bound is 1 by construction
+            bound = f"{t * 1e3:.2f} (FLOPs only) | n/a"
+        else:
+            bound = f"{t * 1e3:.2f} | {mfu:.2f}"
         rows.append(
             f"| {name} | {target} | {dtype} | {e['global_batch']} | {e['compile_s']:.0f} "
             f"| {e['peak_bytes'] / MIB:,.0f} | {e['temp_bytes'] / MIB:,.0f} | {fits(e)} "
@@ -115,7 +154,9 @@ def render(results: dict) -> str:
         "Every number here comes from **compiling** for a device description on a CPU-only machine;",
         "nothing was run on a TPU or GPU. Memory is XLA's per-device figure; step times are roofline",
         "lower bounds (see `chips.py`), not measurements. Compile times are wall time of the CPU",
-        "host running the compiler (noisy: other work shared its cores).",
+        "host running the compiler (noisy: other work shared its cores). FLOPs count matmuls and",
+        "convolutions only (monDEQ's FFT solver and elementwise work are not in them), with scans",
+        "counted K times; a DEQ solver's while loop counts once.",
         "",
         "## Every family at its paper shape",
         "",
