@@ -123,9 +123,10 @@ def _families_table(results: dict) -> list[str]:
 def _depth_table(results: dict) -> list[str]:
     rows = ["| target | mode | K | peak MiB/device | temp MiB | GFLOP/step/device (incl. recompute) |"]
     rows.append("|---|---|---|---|---|---|")
-    for key, e in results.items():
-        if key.startswith("depth|") and "error" not in e:
-            _, target, mode, k = key.split("|")
+    depth_rows = [key.split("|")[1:] for key in results if key.startswith("depth|")]
+    for target, mode, k in sorted(depth_rows, key=lambda r: (r[0], r[1], int(r[2][2:]))):
+        e = results["|".join(("depth", target, mode, k))]
+        if "error" not in e:
             rows.append(
                 f"| {target} | {mode} | {k[2:]} | {e['peak_bytes'] / MIB:,.0f} "
                 f"| {e['temp_bytes'] / MIB:,.0f} | {e['model_flops'] / 1e9:.1f} |"
