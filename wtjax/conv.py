@@ -4,8 +4,8 @@ Why a custom convolution: on XLA:CPU, the backward pass of a convolution that si
 loop (what ``nn.scan`` / ``lax.scan`` compile to) is tens of times slower than the same graph
 unrolled. The transposed convolutions XLA derives for the gradient stay in a non-canonical layout
 inside the loop body and miss the fast (Eigen) path; jax-ml/jax issue 12868 ("Convolution is
-significantly slower inside a loop body (CPU)") is open. Measured here (see
-/work/shared/guides/performance.md): batch 16, C=64, kernel gradient of two tied 3x3 convs,
+significantly slower inside a loop body (CPU)") is open. Measured on a 2-core CPU (the benchmarks
+in experiments/benchmarks/): batch 16, C=64, kernel gradient of two tied 3x3 convs,
 9.7 s inside a scan vs 0.19 s unrolled. A weight-tied model *is* a conv inside a loop, so this
 matters for every CPU run.
 

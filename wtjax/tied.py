@@ -383,19 +383,8 @@ class Tied(nn.Module):
                 step, own, z, depth, segment_length(self.checkpoint_every, depth), broadcast_args
             )
         elif self.scan:
-            if self.shared:
-                params_axes = _TIED_SCAN
-            else:
-                params_axes = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True})
-            scanned = nn.scan(
-                step,
-                in_axes=(0,) + (nn.broadcast,) * len(broadcast_args),
-                length=depth,
-                unroll=self.unroll,
-                **params_axes,
-            )
-            block = own
-            z, zs = scanned(block, z, jnp.arange(depth), *broadcast_args)
+            axes = _TIED_SCAN if self.shared else _NOT_TIED_SCAN
+            z, zs = _scan_reuses(step, own, z, 0, depth, broadcast_args, unroll=self.unroll, axes=axes)
         else:
             if self.shared:
                 blocks = [shared_block] * depth
@@ -418,12 +407,15 @@ def segment_length(checkpoint_every: int | str, depth: int) -> int:
     return checkpoint_every
 
 
+# Tied: one parameter set broadcast to every reuse. Not tied: one set per reuse, stacked on axis 0.
 _TIED_SCAN = dict(variable_broadcast=("params", "masks"), split_rngs={"params": False, "dropout": True})
+_NOT_TIED_SCAN = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True})
 
 
-def _scan_reuses(step, block, z, first, length, args):
-    """Reuses ``first .. first + length - 1`` of ``step`` as one ``nn.scan``."""
-    scanned = nn.scan(step, in_axes=(0,) + (nn.broadcast,) * len(args), length=length, **_TIED_SCAN)
+def _scan_reuses(step, block, z, first, length, args, unroll=1, axes=_TIED_SCAN):
+    """Reuses ``first .. first + length - 1`` of ``step`` as one ``nn.scan`` (``args`` broadcast)."""
+    in_axes = (0,) + (nn.broadcast,) * len(args)
+    scanned = nn.scan(step, in_axes=in_axes, length=length, unroll=unroll, **axes)
     return scanned(block, z, first + jnp.arange(length), *args)
 
 
