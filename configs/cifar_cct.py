@@ -16,7 +16,7 @@ multi-masks at density 0.9 (the paper's practical guide #2 for transformers).
 Any field can also be set with ``--config.<path>=<value>`` (e.g. ``--config.model.share_params=mlp``).
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 # Config argument keys and their defaults (the paper's setting).
 ARGS = dict(

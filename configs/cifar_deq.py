@@ -18,7 +18,7 @@ switches at epoch 8) and none for ``phantom``; phantom gradient with 5 damped st
 Pre-training steps are counted for the 50,000-image CIFAR-10 training split.
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 CIFAR_TRAIN = 50_000
 VARIANTS = ("mdeq", "phantom")

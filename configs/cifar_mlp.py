@@ -6,7 +6,7 @@ states no separate MLP recipe, so this is our choice.
     python -m wtjax.main --config=configs/cifar_mlp.py:size=large,mask_mode=dense
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     size="small",  # small (width 256) | large (512)

@@ -10,7 +10,7 @@ r"""Single-convolution monotone DEQ on CIFAR-10, optionally pruned at initialisa
 import importlib.util
 from pathlib import Path
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 # Config files are loaded by path (not as a package): load the sibling digits config the same way.
 _spec = importlib.util.spec_from_file_location("digits_mondeq", Path(__file__).with_name("digits_mondeq.py"))

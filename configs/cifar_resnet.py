@@ -14,7 +14,7 @@ The paper gives no width; 64 is the width of the performance notes (``small``/``
 model docstring are 40 and 168).
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 # Config argument keys and their defaults (the paper's setting).
 ARGS = dict(

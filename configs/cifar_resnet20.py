@@ -7,7 +7,7 @@ r"""ResNet-20 on CIFAR-10 with the paper's CIFAR recipe (Adam, lr 1e-3, cosine, 
     python -m wtjax.main --config=configs/cifar_resnet20.py:form=not_tied,mask_mode=dense,size=large
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     size="small",  # small (base width 8, ~68k params not tied) | large (64, ~4.3M)

@@ -8,7 +8,7 @@ Recipe after the paper's Table D1 (Adam, lr 1e-3, x0.1 step decay), shortened fo
     python -m wtjax.main --config=configs/digits_mondeq.py:parametrization=no_a,solver=fb,alpha=0.05
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     arch="fc",  # fc (mondeq_fc) | conv (mondeq_conv, single circular convolution)

@@ -7,7 +7,7 @@ minutes on 2 CPU cores.
     python -m wtjax.main --config=configs/digits_quickstart.py:mask_mode=dense --workdir=/tmp/wtjax_qs_dense
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     width=32,  # channels C

@@ -11,7 +11,7 @@ choice, x0.1 at epochs 30, 60 and 80, momentum 0.9. Data: tfds ``imagenet_resize
         --config.data.data_dir=/path/to/tensorflow_datasets
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     width=168,  # channels C ("large" in the resnet_like docstring)

@@ -5,7 +5,7 @@ depth 2, a few steps. Runs in seconds on a CPU.
     python -m wtjax.main --config=configs/tiny.py:model=mlp,steps=10 --workdir=/tmp/wtjax_tiny_mlp
 """
 
-from wtjax import config_schema as cs
+from wtjax.job import config as cs
 
 ARGS = dict(
     model="resnet_like",  # any registered model with width/depth fields

@@ -37,12 +37,12 @@ Where each value comes from (the paper says only "we follow the experimental set
 
 from ml_collections import config_dict
 
-from wtjax import config_schema as cs
-from wtjax.lora import VIT_QV_TARGETS
+from wtjax.job import config as cs
+from wtjax.methods.lora import VIT_QV_TARGETS
 from wtjax.models.vit import vit_fields
 
 ARGS = dict(
-    task="cifar100",  # a key of wtjax.vtab.TASKS (19 tasks)
+    task="cifar100",  # a key of wtjax.data.vtab.TASKS (19 tasks)
     protocol="final",  # final: train800val200 -> test; val: train800 -> val200
     kind="multi_mask",  # lora | multi_mask
     depth=2,  # d, masked copies summed (multi_mask; 1 for lora); Table 3: 2 and 4
@@ -69,7 +69,7 @@ def get_config(arg=None):
         f"vtab/{a.task}{suffix}",
         image_shape=(a.image_size, a.image_size, 3),  # the resize target
         augment=False,
-        download=False,  # offline: prepare the tfds data beforehand (see wtjax/vtab.py)
+        download=False,  # offline: prepare the tfds data beforehand (see wtjax/data/vtab.py)
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
     )
@@ -89,7 +89,7 @@ def get_config(arg=None):
     if a.steps:  # smoke runs: a fixed number of steps, no warm-up
         cfg.num_train_steps = a.steps
         cfg.optim.warmup_epochs = 0.0
-    # Fine-tuning sections (read by wtjax.lora_finetune.FinetuneHook).
+    # Fine-tuning sections (read by wtjax.methods.lora_finetune.FinetuneHook).
     if "pretrained" not in cfg:  # older config schemas without the fine-tuning keys
         cfg.pretrained = config_dict.placeholder(str)  # local .npz (public ViT layout); required
     cfg.lora = config_dict.ConfigDict(

@@ -13,11 +13,11 @@ was measured; a failed section records its error and the others still run):
 1. ``devices``: platform, device kind and count, processes, jax/flax versions, the public peak
    (dense bfloat16 FLOP/s and HBM per JAX device) used for MFU, or none for an unknown kind;
 2. ``step_time.float32`` / ``step_time.bfloat16``: the job's data-parallel training step
-   (:func:`wtjax.parallel.jit_train_step`, compiled by :func:`wtjax.aot.compile_train_step`) of
+   (:func:`wtjax.job.parallel.jit_train_step`, compiled by :func:`wtjax.tools.aot.compile_train_step`) of
    ``configs/cifar_resnet.py`` at the paper's "Small" shape (width 44, K=8, multi-mask density 0.5,
    global batch 128, 32x32x3) with ``model.dtype`` set: compile time, median of the timed steps
    after warm-up (random data already on the devices: the input pipeline is not timed), FLOPs per
-   step (:func:`wtjax.aot.jaxpr_flops`: matmuls and convolutions, scans counted K times, masked
+   step (:func:`wtjax.tools.aot.jaxpr_flops`: matmuls and convolutions, scans counted K times, masked
    kernels counted dense as they are executed), achieved FLOP/s, MFU against the peak of all
    devices, XLA's per-device memory and the devices' peak bytes in use;
 3. ``compile_time.K=4`` / ``compile_time.K=32``: compile time of the same step at K=4 and K=32;
@@ -53,7 +53,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.chips import peak_for  # noqa: E402
-from wtjax import aot, config_schema, metrics, optim, parallel, steps  # noqa: E402
+from wtjax.job import config as config_schema  # noqa: E402
+from wtjax.job import metrics, optim, parallel, steps  # noqa: E402
+from wtjax.tools import aot  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 NUM_CLASSES = 10
@@ -204,10 +206,10 @@ _INITS: dict = {}  # compiled init programs, one per (model, optimizer, shape, m
 
 
 def initial_state(config, mesh, image_shape):
-    """The real initial state, built as :func:`wtjax.aot.abstract_step_args` builds its shapes.
+    """The real initial state, built as :func:`wtjax.tools.aot.abstract_step_args` builds its shapes.
 
     Parameters, hence the optimizer state, are float32 under every compute dtype
-    (:mod:`wtjax.precision`), so the init program is built from the float32 model and compiled
+    (:mod:`wtjax.core.precision`), so the init program is built from the float32 model and compiled
     once for both dtypes' steps (compiling ``model.init`` costs as much as the step on CPU).
     """
     model_config = {**config.model.to_dict(), "dtype": "float32"}
@@ -363,7 +365,7 @@ def training_config(args, small: bool):
 
 def training_run(args, small: bool) -> dict:
     """A short run of the training job; its accuracy, eval split and wall time."""
-    from wtjax import train  # imported here: it pulls in the data pipeline
+    from wtjax.job import train  # imported here: it pulls in the data pipeline
 
     path, config = training_config(args, small)
     parent = Path(args.workdir) if args.workdir else None

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from wtjax.sweep import accuracy, group, mean_std  # noqa: E402
+from wtjax.tools.sweep import accuracy, group, mean_std  # noqa: E402
 
 
 def series(results: Sequence[dict], x: str, line: str, *, where: Callable[[dict], bool] = lambda t: True):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from wtjax.sweep import Run
+from wtjax.tools.sweep import Run
 
 SEEDS = (0, 1, 2)
 CIFAR_DIR = os.environ.get("WTJAX_CIFAR_DIR", "/tmp/cifar10/train")

@@ -10,7 +10,7 @@ import pytest
 
 from wtjax import MaskSpec, Tied
 from wtjax.analysis import accounting
-from wtjax.masks import mask_key, unstructured_mask
+from wtjax.core.masks import mask_key, unstructured_mask
 from wtjax.models import build_model
 
 IMAGE = (2, 2, 1)  # tiny images: the MLP's input is 4 features

@@ -6,7 +6,7 @@ import numpy as np
 from train_utils import load_config
 
 from wtjax.analysis import run
-from wtjax.train import train_and_evaluate
+from wtjax.job.train import train_and_evaluate
 
 
 def test_analysis_on_a_trained_checkpoint(tmp_path):

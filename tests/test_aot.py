@@ -1,6 +1,6 @@
 """The training step compiles for real accelerator targets, without the accelerators.
 
-Deviceless ahead-of-time compilation (:mod:`wtjax.aot`) for a TPU v5e slice (libtpu) and 8 H100s
+Deviceless ahead-of-time compilation (:mod:`wtjax.tools.aot`) for a TPU v5e slice (libtpu) and 8 H100s
 (the jax-cuda12 plugin and an XLA target config). Shapes are small so the suite stays fast; the
 paper-shape matrix of every family is ``experiments/benchmarks/aot_matrix.py``. The tests skip
 when the compilers are not installed, unless ``WTJAX_REQUIRE_AOT=1`` (CI) makes that a failure.
@@ -17,7 +17,8 @@ import pytest
 from jax.sharding import Mesh
 from train_utils import load_config
 
-from wtjax import aot, parallel
+from wtjax.job import parallel
+from wtjax.tools import aot
 
 H100 = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "targets" / "h100_sxm.pbtxt"
 CIFAR = ((32, 32, 3), 10)

@@ -73,7 +73,7 @@ def test_multi_masks_hit_attention_and_mlp_kernels_at_density_0_9():
     masked_out, out = model.apply({"params": params}, IMAGES), dense.apply({"params": params}, IMAGES)
     assert not np.allclose(masked_out[0], out[0])
     # Which leaves are masked: exactly the kernels of qkv, proj, linear1, linear2.
-    from wtjax.masks import masks_for
+    from wtjax.core.masks import masks_for
 
     block = params["encoder"]["block"]
     masked = sorted("/".join(p) for p in masks_for(block, model.mask, 0))

@@ -11,8 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 from train_utils import CONFIGS, load_config
 
-from wtjax import config_schema as cs
-from wtjax.masks import MaskSpec
+from wtjax.core.masks import MaskSpec
+from wtjax.job import config as cs
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
 NUM_CLASSES = {"imagenet32_resnet": 1000}

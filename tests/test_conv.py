@@ -11,8 +11,8 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from wtjax.conv import Conv, conv2d, conv_im2col, resolve_impl, same_padding
-from wtjax.masks import MaskSpec
+from wtjax.core.conv import Conv, conv2d, conv_im2col, resolve_impl, same_padding
+from wtjax.core.masks import MaskSpec
 from wtjax.models.resnet_like import ResNetLike
 
 F32 = dict(rtol=1e-5, atol=1e-5)

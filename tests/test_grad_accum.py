@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from train_utils import ProbeModel, assert_trees_equal, load_config, read_params
 
-from wtjax import config_schema as cs
-from wtjax import metrics, optim, parallel, steps
-from wtjax.train import train_and_evaluate
+from wtjax.job import config as cs
+from wtjax.job import metrics, optim, parallel, steps
+from wtjax.job.train import train_and_evaluate
 
 RTOL, ATOL = 1e-5, 1e-7
 ROWS = 16  # divisible by 4 micro-batches x 4 devices

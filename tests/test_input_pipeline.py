@@ -15,8 +15,8 @@ from PIL import Image
 from wtjax.data import image_folder, tfds_source
 from wtjax.data.augment import Normalizer, crop_flip, sample_crop_flip
 from wtjax.data.dataset import make_dataset
+from wtjax.data.pipeline import CIFAR_COPY_STATS, create_dataset
 from wtjax.data.sources import ArraySource, DataError, Downsampled
-from wtjax.input_pipeline import CIFAR_COPY_STATS, create_dataset
 
 
 def take(it, n):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from wtjax import sharing
+from wtjax.core.spin import sharing
 from wtjax.models import build_model
 from wtjax.models.convmixer import VARIANTS, parameter_count
 

@@ -1,4 +1,4 @@
-"""Invariants of LoRA / multi-mask LoRA (wtjax.lora, wtjax.lora_finetune)."""
+"""Invariants of LoRA / multi-mask LoRA (wtjax.methods.lora, wtjax.methods.lora_finetune)."""
 
 import flax.linen as nn
 import jax
@@ -8,8 +8,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from wtjax import lora as L
-from wtjax.lora_finetune import LoraFinetune, from_config, num_params
+from wtjax.methods import lora as L
+from wtjax.methods.lora_finetune import LoraFinetune, from_config, num_params
 from wtjax.models.vit import ViT, vit_fields
 
 

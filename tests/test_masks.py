@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wtjax import masks
+from wtjax.core import masks
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 16, 8), (64, 10), (7, 5)])

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from wtjax import config_schema as cs
-from wtjax.optim import create_optimizer, create_schedule
+from wtjax.job import config as cs
+from wtjax.job.optim import create_optimizer, create_schedule
 
 
 def test_cosine_with_warmup_follows_its_formula():

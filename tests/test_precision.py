@@ -1,4 +1,4 @@
-"""Mixed precision (wtjax.precision): bfloat16 compute, float32 parameters, logits, losses and solvers."""
+"""Mixed precision (wtjax.core.precision): bf16 compute, float32 parameters, logits, losses and solvers."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pytest
 from flax import traverse_util
 from train_utils import load_config
 
-from wtjax import config_schema as cs
-from wtjax import metrics, precision
-from wtjax.masks import MaskSpec
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec
+from wtjax.core.tied import Tied
+from wtjax.job import config as cs
+from wtjax.job import metrics
+from wtjax.job.train import train_and_evaluate
 from wtjax.models import MODELS, build_model
 from wtjax.models.mlp import MLPBlock
-from wtjax.tied import Tied
-from wtjax.train import train_and_evaluate
 
 # The module, not the function of the same name that wtjax.implicit exports.
 fixed_point_module = importlib.import_module("wtjax.implicit.fixed_point")

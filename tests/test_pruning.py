@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wtjax import pruning
+from wtjax.methods import pruning
 from wtjax.models import build_model
 
 
@@ -243,7 +243,7 @@ def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path):
     import orbax.checkpoint as ocp
     from train_utils import load_config
 
-    from wtjax.train import train_and_evaluate
+    from wtjax.job.train import train_and_evaluate
 
     config = load_config("tiny", "model=mlp,mask_mode=stored,steps=3", num_devices=1, tensorboard=False)
     config.pruning.update(method="snip", sparsity=0.75, scope="layer", per_reuse=True, batch_size=16)
@@ -270,7 +270,7 @@ def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path):
 def test_pruning_config_rejects_bad_setups():
     from train_utils import load_config
 
-    from wtjax import config_schema as cs
+    from wtjax.job import config as cs
 
     with pytest.raises(KeyError, match="pruning field"):
         cs.pruning_config(methd="snip")

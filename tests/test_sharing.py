@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wtjax import MaskSpec, Tied, masks_for, sharing
-from wtjax.tied import fold_fusion
+from wtjax import MaskSpec, Tied, masks_for
+from wtjax.core.spin import sharing
+from wtjax.core.tied import fold_fusion
 
 # ---------------------------------------------------------------------------------------------
 # Topologies (Figure 2 / Table 1 of the SPIN paper, written out by hand)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from wtjax import config_schema, sweep
-from wtjax.sweep import Run
+from wtjax.job import config as config_schema
+from wtjax.tools import sweep
+from wtjax.tools.sweep import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.parent for p in (ROOT / "experiments").glob("*/study.py"))
@@ -117,7 +118,7 @@ def test_shared_ids_must_agree_and_runs_are_ordered_by_seed(tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "study.py").write_text(
-            "from wtjax.sweep import Run\n"
+            "from wtjax.tools.sweep import Run\n"
             f"def runs(scale):\n    return {body}\n"
             "def aggregate(results, out_dir, scale):\n    pass\n"
         )

@@ -64,7 +64,7 @@ def _close(a, b, tol=1e-5):
 
 
 def manual_loop(params, x, mode, depth=K, seed=3, kind="unstructured"):
-    """The definition: z_{i+1} = block(W * m_i)(z_i, x), with the masks from wtjax.masks."""
+    """The definition: z_{i+1} = block(W * m_i)(z_i, x), with the masks from wtjax.core.masks."""
     spec = MaskSpec(kind=kind, density=0.5, seed=seed)
     block_params = params["params"]["tied"]["block"]
     z = jnp.zeros_like(x)
@@ -240,7 +240,7 @@ def test_outputs_are_identical_in_a_separate_process():
 
 def test_importing_the_block_pulls_in_no_heavy_dependencies():
     code = (
-        "import sys, wtjax, wtjax.tied, wtjax.masks;"
+        "import sys, wtjax, wtjax.core.tied, wtjax.core.masks;"
         "heavy = [m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'tensorflow_datasets', 'orbax', 'ml_collections')];"
         "print(heavy)"

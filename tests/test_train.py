@@ -17,10 +17,10 @@ from train_utils import (
     read_params,
 )
 
-from wtjax import config_schema as cs
-from wtjax import metrics
+from wtjax.job import config as cs
+from wtjax.job import metrics
+from wtjax.job.train import train_and_evaluate
 from wtjax.models import MODELS
-from wtjax.train import train_and_evaluate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,7 +120,7 @@ def test_jitted_step_traces_once_donates_its_state_and_learns():
     import chex
     import optax
 
-    from wtjax import steps
+    from wtjax.job import steps
 
     config = tiny("model=mlp")
     model = cs.build_model(config.model, 4)

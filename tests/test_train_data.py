@@ -16,8 +16,8 @@ from train_utils import (
     write_image_folder,
 )
 
-from wtjax import metrics
-from wtjax.train import train_and_evaluate
+from wtjax.job import metrics
+from wtjax.job.train import train_and_evaluate
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wtjax import config_schema as cs
-from wtjax import train
+from wtjax.job import config as cs
+from wtjax.job import train
 from wtjax.models.vit import ViT, vit_fields
 from wtjax.models.vit_checkpoint import save_npz
 

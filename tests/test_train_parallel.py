@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from train_utils import ROOT, assert_trees_equal, compilation_cache, load_config, read_params, subprocess_env
 
-from wtjax.train import train_and_evaluate
+from wtjax.job.train import train_and_evaluate
 
 RTOL, ATOL = 2e-4, 2e-5
 
@@ -51,7 +51,7 @@ WORKER = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 1)
     sys.path.insert(0, {tests!r})
     from train_utils import load_config
-    from wtjax.train import train_and_evaluate
+    from wtjax.job.train import train_and_evaluate
 
     process_id = int(sys.argv[1])
     config = load_config(

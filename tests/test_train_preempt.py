@@ -1,7 +1,7 @@
 """Preemption: SIGTERM makes the job save the step it reached and exit 0; rerunning finishes it.
 
 ``python -m wtjax.main`` runs in a subprocess and gets SIGTERM once its first step is logged (the
-single-process path of ``wtjax/preemption.py``: a Python handler sets a flag read every step).
+single-process path of ``wtjax/job/preemption.py``: a Python handler sets a flag read every step).
 The resumed run must end with parameters bitwise equal to an uninterrupted run of the same
 command (run meanwhile, in the same kind of process).
 """
@@ -18,7 +18,7 @@ import time
 import pytest
 from train_utils import ROOT, assert_trees_equal, checkpoint_steps, read_params, run_main, subprocess_env
 
-from wtjax import preemption
+from wtjax.job import preemption
 
 STEPS = 200  # ~1 s of training after compilation: the signal arrives long before the end
 FLAGS = [

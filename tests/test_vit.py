@@ -9,8 +9,8 @@ import pytest
 from flax import traverse_util
 
 from wtjax import Tied
-from wtjax.lora import LoraSpec
-from wtjax.lora_finetune import LoraFinetune, num_params
+from wtjax.methods.lora import LoraSpec
+from wtjax.methods.lora_finetune import LoraFinetune, num_params
 from wtjax.models import build_model
 from wtjax.models.vit import EncoderBlock, ViT, vit_fields
 from wtjax.models.vit_checkpoint import load_pretrained, read_npz, resize_posemb, save_npz
@@ -227,7 +227,7 @@ def _vtab_config(arg):
 
 
 def test_vtab_lora_config_and_finetune_hook(pretrained):
-    from wtjax.lora_finetune import FinetuneHook
+    from wtjax.methods.lora_finetune import FinetuneHook
 
     _, _, path, _ = pretrained
     default = _vtab_config(None)  # Table 3: ViT-B/16, rank 8, d=2, batch 64, 100 epochs

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from wtjax import vtab
+from wtjax.data import vtab
 from wtjax.data.sources import DataError
 
 

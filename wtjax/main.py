@@ -1,4 +1,4 @@
-"""Command-line entry point, intentionally tiny: everything testable lives in :mod:`wtjax.train`.
+"""Command-line entry point, intentionally tiny: everything testable lives in :mod:`wtjax.job.train`.
 
     python -m wtjax.main --config=configs/digits_quickstart.py --workdir=/tmp/wtjax_quickstart
     python -m wtjax.main --config=configs/cifar_resnet.py:mask_mode=same,density=0.3 \\
@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wtjax import preemption, train
+from wtjax.job import preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True

@@ -1,6 +1,6 @@
 """The accelerator compile matrix: every model family's training step compiled for TPU and GPU.
 
-Deviceless ahead-of-time compilation (:mod:`wtjax.aot`) on a CPU machine, written to
+Deviceless ahead-of-time compilation (:mod:`wtjax.tools.aot`) on a CPU machine, written to
 ``accelerators.json`` (one entry per compile, so an interrupted run resumes) and rendered to
 ``accelerators.md`` beside this file:
 
@@ -28,8 +28,9 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.benchmarks import chips  # noqa: E402
-from wtjax import aot, config_schema  # noqa: E402
-from wtjax.config_schema import load_config_file  # noqa: E402
+from wtjax.job import config as config_schema  # noqa: E402
+from wtjax.job.config import load_config_file  # noqa: E402
+from wtjax.tools import aot  # noqa: E402
 
 JSON, MARKDOWN = HERE / "accelerators.json", HERE / "accelerators.md"
 H100_TARGET = HERE / "targets" / "h100_sxm.pbtxt"

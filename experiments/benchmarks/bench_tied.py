@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wtjax.conv import resolve_impl
-from wtjax.masks import MaskSpec, masks_for
+from wtjax.core.conv import resolve_impl
+from wtjax.core.masks import MaskSpec, masks_for
 from wtjax.models.resnet_like import ResNetLike
 
 # name -> ResNetLike fields (besides width/depth/scan/conv_impl)

@@ -7,7 +7,7 @@ matmuls run float32 as several bf16 passes; H100 float32 uses TF32 tensor cores 
 so their MFU reads as a fraction of what the chip could do in bf16.
 
 A roofline bound is a *lower bound* on step time: ``max(FLOPs / peak FLOP/s, bytes / bandwidth)``.
-FLOPs are :func:`wtjax.aot.jaxpr_flops` (matmul/conv, scans counted K times); bytes are XLA's
+FLOPs are :func:`wtjax.tools.aot.jaxpr_flops` (matmul/conv, scans counted K times); bytes are XLA's
 "bytes accessed", which counts each loop body once and so undercounts: the bound stays a lower
 bound, only a looser one. The GPU compiler gives no cost analysis, so GPU bounds use FLOPs alone.
 MFU at the bound is an upper bound on what a real run can reach.

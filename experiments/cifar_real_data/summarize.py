@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from wtjax.metrics import read_jsonl  # noqa: E402
+from wtjax.job.metrics import read_jsonl  # noqa: E402
 
 
 def main():

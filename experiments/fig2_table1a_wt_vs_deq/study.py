@@ -18,7 +18,7 @@ from __future__ import annotations
 import scale as sc
 from report import figure, save, write
 
-from wtjax.sweep import accuracy, fmt, markdown_table, mean_std
+from wtjax.tools.sweep import accuracy, fmt, markdown_table, mean_std
 
 MODELS = (  # (model, variant or mask mode, optimiser recipe)
     (("resnet_like", "multi", "adam"), "weight-tied, multi-mask 0.5 (K = 8), Adam"),

@@ -1,6 +1,6 @@
 """Figure 6: layer-wise CKA similarity and per-layer linear probes, same-mask vs multi-mask.
 
-The analysis (``wtjax.analysis.run.analyse_run``) runs on the final checkpoint of each K = 8
+The analysis (``wtjax.tools.analyse.analyse_run``) runs on the final checkpoint of each K = 8
 same-mask and multi-mask model at density 0.1 (the paper's Figure 6) and 0.5 (the density of the
 other studies, whose runs these are), and of the dense weight-tied model: 2,000 holdout examples; the
 layers are the stem, the state after each of the 8 reuses, and the pooled features; CKA is the
@@ -20,7 +20,7 @@ import scale as sc
 from report import write
 
 from wtjax.analysis import plots
-from wtjax.sweep import fmt, markdown_table
+from wtjax.tools.sweep import fmt, markdown_table
 
 MODES = {"same": "same-mask", "multi": "multi-mask", "dense": "dense"}
 DENSITIES = (0.1, 0.5)  # 0.1: the paper's Figure 6; 0.5: the other studies' density
@@ -46,7 +46,7 @@ def _label(mode: str, density: float) -> str:
 def _analysis(result: dict) -> dict:
     path = CACHE / f"{result['id']}.json"
     if not path.exists():
-        from wtjax.analysis.run import analyse_run
+        from wtjax.tools.analyse import analyse_run
 
         a = analyse_run(result["workdir"], NUM_EXAMPLES, CKA_BATCH)
         a.pop("workdir")

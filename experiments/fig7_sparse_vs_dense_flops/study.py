@@ -13,7 +13,7 @@ from __future__ import annotations
 import scale as sc
 from report import effective_train_flops, errorbar_panel, figure, save, series, write
 
-from wtjax.sweep import accuracy, fmt, group, markdown_table, paired_gain
+from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, paired_gain
 
 DEPTH = 8
 WIDTH_FACTORS = {"cpu": (0.5, 1.0), "paper": (0.5, 1.0, 2.0)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import scale as sc
 from report import errorbar_panel, figure, save, series, write
 
-from wtjax.sweep import accuracy, fmt, group, markdown_table
+from wtjax.tools.sweep import accuracy, fmt, group, markdown_table
 
 WIDTH_FACTORS = (0.5, 1.0, 2.0)
 DEPTHS = (2, 4, 8, 12)

@@ -121,7 +121,7 @@ if TPU_ATTACHED:
         "line (`python -m wtjax.main --config=configs/cifar_resnet.py:width=64,epochs=30`). tfds downloads "
         "CIFAR-10 on first use (about 160 MB). The smoke test uses the bundled digits data instead.",
         """
-from wtjax import sweep
+from wtjax.tools import sweep
 
 if SMOKE:
     run = sweep.Run("quickstart", "configs/digits_quickstart.py", "width=8,depth=2,epochs=1",
@@ -134,7 +134,7 @@ print(run.command(workdir))
 """,
         "## Train\n\nRerunning this cell resumes from the newest checkpoint in `workdir`.",
         """
-from wtjax import train
+from wtjax.job import train
 
 summary = train.train_and_evaluate(config, workdir)
 print({k: summary[k] for k in ("step", "eval/accuracy", "num_params", "wall_time_s")})
@@ -143,7 +143,7 @@ print({k: summary[k] for k in ("step", "eval/accuracy", "num_params", "wall_time
         """
 import matplotlib.pyplot as plt
 
-from wtjax import metrics
+from wtjax.job import metrics
 
 records = metrics.read_jsonl(f"{workdir}/metrics.jsonl")
 steps = [s for s, r in sorted(records.items()) if "train/loss" in r]
@@ -158,7 +158,7 @@ plt.show()
 import jax.numpy as jnp
 import numpy as np
 
-from wtjax.analysis.run import load_run
+from wtjax.tools.analyse import load_run
 
 config, model, variables, dataset, step = load_run(workdir)
 correct = total = 0
@@ -177,11 +177,12 @@ ANALYSIS = notebook(
     "Layer similarity (CKA) and linear probes: same-mask vs multi-mask",
     "Train a same-mask and a multi-mask weight-tied model, then look at how similar their layers "
     "are (linear CKA, the paper's Figure 6) and how linearly separable the classes are after each "
-    "reuse. `python -m wtjax.analysis.run --workdir=A --workdir=B --out=DIR` does the same from "
+    "reuse. `python -m wtjax.tools.analyse --workdir=A --workdir=B --out=DIR` does the same from "
     "the command line.",
     [
         """
-from wtjax import sweep, train
+from wtjax.tools import sweep
+from wtjax.job import train
 
 steps = 20 if SMOKE else 1000
 overrides = {"num_train_steps": steps, "eval_every_steps": 0, "accounting": False, "progress": False}
@@ -202,7 +203,7 @@ import numpy as np
 from IPython.display import Image, display
 
 from wtjax.analysis import plots
-from wtjax.analysis.run import analyse_run
+from wtjax.tools.analyse import analyse_run
 
 n = 200 if SMOKE else 297  # the digits test split
 results = {mode: analyse_run(wd, num_examples=n, cka_batch=100) for mode, wd in workdirs.items()}
@@ -228,7 +229,8 @@ WT_VS_DEQ = notebook(
     "full study.",
     [
         """
-from wtjax import sweep, train
+from wtjax.tools import sweep
+from wtjax.job import train
 
 common = {"eval_every_steps": 0, "accounting": False, "progress": False, "log_every_steps": 10,
           "num_train_steps": 20 if SMOKE else 500, "batch_size": 64}
@@ -249,7 +251,7 @@ for name, run in runs.items():
         """
 import matplotlib.pyplot as plt
 
-from wtjax import metrics
+from wtjax.job import metrics
 
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for name, run in runs.items():

@@ -32,7 +32,7 @@ import numpy as np
 import scale as sc
 from report import figure, save, write
 
-from wtjax.sweep import Run, accuracy, fmt, group, markdown_table
+from wtjax.tools.sweep import Run, accuracy, fmt, group, markdown_table
 
 FC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 CONV_METHODS = ("random", "magnitude", "snip")

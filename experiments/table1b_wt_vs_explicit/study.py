@@ -14,7 +14,7 @@ from __future__ import annotations
 import scale as sc
 from report import figure, save, write
 
-from wtjax.sweep import accuracy, fmt, group, markdown_table, mean_std
+from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, mean_std
 
 PAPER_SMALL_WIDTH_FACTOR = 44 / 16  # width 44 at the CPU scale's base width 16
 ROWS = (  # (model, form, mask mode, width factor): label

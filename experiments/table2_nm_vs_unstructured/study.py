@@ -10,7 +10,7 @@ from __future__ import annotations
 import scale as sc
 from report import figure, save, write
 
-from wtjax.sweep import accuracy, fmt, group, markdown_table, mean_std, paired_gain
+from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, mean_std, paired_gain
 
 WIDTH_FACTORS = {"cpu": (1.0,), "paper": (1.0, 2.0)}
 KINDS = {"unstructured": "unstructured 0.5", "nm": "2:4"}

@@ -8,8 +8,8 @@ For a model and its parameters this module reports:
   ``n*N/M`` (N:M); unmasked leaves (biases, norms, ``dense`` mode, not-tied stacks) count fully.
   The model's ``active`` total is ``stored`` with every masked kernel at its per-reuse count.
 * **used**: the entries of the shared kernels kept by at least one mask over the K reuses,
-  computed exactly as the union of the masks (:func:`wtjax.masks.masks_for`, the same call
-  :class:`wtjax.tied.Tied` makes); its expectation is ``n * (1 - (1 - d)^K)`` for ``multi`` and
+  computed exactly as the union of the masks (:func:`wtjax.core.masks.masks_for`, the same call
+  :class:`wtjax.core.tied.Tied` makes); its expectation is ``n * (1 - (1 - d)^K)`` for ``multi`` and
   ``d*n`` for ``same`` (one mask). ``stored`` masks (given, e.g. by a pruning method) are read
   from the model's ``masks`` collection; ``dropout`` ties count as dense (their masks are fresh
   random draws per training step, and none at evaluation); SPIN weight-mapped ties count one
@@ -27,7 +27,7 @@ For a model and its parameters this module reports:
 
 Tied-block discovery: the model's ``init`` is traced once under :func:`jax.eval_shape` with a Flax
 method interceptor (:func:`flax.linen.intercept_methods`) that records every
-:class:`~wtjax.tied.Tied` call: its module path, the depth it ran, its mask mode and spec and
+:class:`~wtjax.core.tied.Tied` call: its module path, the depth it ran, its mask mode and spec and
 whether it is shared. Its block's parameters are then the subtree ``<path>/block`` of ``params``
 (``<path>/block_i`` for an unrolled not-tied stack). This finds ties under any name, in any
 model, including user models, and reads the mask settings from the modules themselves instead of
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from wtjax.masks import MaskSpec, kept_count, masks_for
-from wtjax.tied import Tied
+from wtjax.core.masks import MaskSpec, kept_count, masks_for
+from wtjax.core.tied import Tied
 
 Path = tuple[str, ...]
 

@@ -1,4 +1,4 @@
-"""Data loading internals behind :mod:`wtjax.input_pipeline` (the public entry point).
+"""Data loading internals behind :mod:`wtjax.data.pipeline` (the public entry point).
 
 Modules, one responsibility each:
 

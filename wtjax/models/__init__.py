@@ -4,10 +4,10 @@
 ``apply(variables, images, train=..., rngs={'dropout': key})`` returns ``(logits, out)``, where
 ``out`` is a dict of named intermediates (``pre_logits`` always; per-reuse ``block_outputs`` when
 called with ``return_intermediates=True``). Variables hold ``params``, plus a ``masks`` collection
-only for ties with ``mask_mode='stored'`` (see :mod:`wtjax.tied`, :mod:`wtjax.pruning`).
+only for ties with ``mask_mode='stored'`` (see :mod:`wtjax.core.tied`, :mod:`wtjax.methods.pruning`).
 Unknown model names and unknown fields fail loudly. Every family has a ``dtype`` field, the compute
 dtype of its mixed-precision policy (``'float32'``, the default, or ``'bfloat16'``;
-:mod:`wtjax.precision`): parameters and returned logits are float32 in both.
+:mod:`wtjax.core.precision`): parameters and returned logits are float32 in both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 
 import flax.linen as nn
 
-from wtjax import precision
+from wtjax.core import precision
 from wtjax.models.cct import CCT
 from wtjax.models.convmixer import ConvMixer
 from wtjax.models.deq import DEQMLP, DEQResNetLike

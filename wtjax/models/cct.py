@@ -27,7 +27,7 @@ layer of kernel ``k``::
 
 CCT-7/3x1 on 32x32 CIFAR-10 (``D=256, M=512, T=256``): 3,760,139 (the public model's 3.76M).
 
-Mixed precision (``dtype``, :mod:`wtjax.precision`): both softmaxes (attention, sequence
+Mixed precision (``dtype``, :mod:`wtjax.core.precision`): both softmaxes (attention, sequence
 pooling) run in float32, every matmul and convolution in the compute dtype.
 """
 
@@ -37,10 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.masks import MaskSpec
-from wtjax.models import spin
-from wtjax.tied import Tied
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec
+from wtjax.core.spin import options as spin
+from wtjax.core.tied import Tied
 
 #: CCT sizes: the public CIFAR models and the small one of the paper's Table 1b (0.96M).
 VARIANTS = {
@@ -191,12 +191,12 @@ class CCT(nn.Module):
         intermediate convs have ``conv_hidden`` channels, as the public code's 64).
       dropout, attention_dropout, drop_path: regularisation (public defaults 0, 0.1, 0.1 ramp).
       form: ``not_tied`` (CCT), ``tied`` (one encoder layer reused ``depth`` times) or ``shared``
-        (SPIN topology; :mod:`wtjax.models.spin`).
+        (SPIN topology; :mod:`wtjax.core.spin.options`).
       share_rate, share_mapping, share_distribution, share_seed, share_params, affine_groups,
         fusion: SPIN sharing (form ``shared``); ``share_params`` in ``all``/``attention``/``mlp``.
       mask_mode, mask: masks on the reused kernels (the paper's multi-mask weight-tied CCT).
       scan, remat_policy: loop implementation.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 
@@ -266,9 +266,9 @@ class CCT(nn.Module):
         return logits, out
 
     def from_not_tied(self, fused_init: dict, not_tied: dict) -> dict:
-        """SPIN fusion init from a trained not-tied CCT (:func:`wtjax.models.spin.from_not_tied`)."""
+        """SPIN fusion init from a trained not-tied CCT (:func:`wtjax.core.spin.options.from_not_tied`)."""
         return spin.from_not_tied(fused_init, not_tied, "encoder")
 
     def export_fused(self, params: dict):
-        """``(model, params)`` with the fusion folded away (:func:`wtjax.models.spin.export_fused`)."""
+        """``(model, params)`` with the fusion folded away (:func:`wtjax.core.spin.options.export_fused`)."""
         return spin.export_fused(self, params, "encoder", self.share_predicate)

@@ -23,10 +23,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.masks import MaskSpec
-from wtjax.models import spin
-from wtjax.tied import Tied
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec
+from wtjax.core.spin import options as spin
+from wtjax.core.tied import Tied
 
 #: ``C/D/P/K`` sizes: SPIN's ImageNet models (Tables 4-5) and small CIFAR ones.
 VARIANTS = {
@@ -84,14 +84,14 @@ class ConvMixer(nn.Module):
 
     Attributes:
       num_classes, width, depth, patch_size, kernel_size: the ``C/D/P/K`` architecture.
-      form: ``not_tied``, ``tied`` or ``shared`` (:mod:`wtjax.models.spin`).
+      form: ``not_tied``, ``tied`` or ``shared`` (:mod:`wtjax.core.spin.options`).
       share_rate, share_mapping, share_distribution, share_seed: SPIN topology (form ``shared``).
       share_params: ``pointwise`` (SPIN) or ``all``.
       affine_groups: SPIN per-layer affine transform group size (0: off).
       fusion: ``none`` or a SPIN fusion strategy.
-      mask_mode, mask: masks on the reused weights (:class:`wtjax.tied.Tied`).
+      mask_mode, mask: masks on the reused weights (:class:`wtjax.core.tied.Tied`).
       scan, remat_policy: loop implementation.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 
@@ -150,9 +150,9 @@ class ConvMixer(nn.Module):
         return logits, out
 
     def from_not_tied(self, fused_init: dict, not_tied: dict) -> dict:
-        """SPIN fusion init from a trained not-tied ConvMixer (:func:`wtjax.models.spin.from_not_tied`)."""
+        """SPIN fusion init from a trained not-tied ConvMixer (see :mod:`wtjax.core.spin.options`)."""
         return spin.from_not_tied(fused_init, not_tied, "mixer")
 
     def export_fused(self, params: dict):
-        """``(model, params)`` with the fusion folded away (:func:`wtjax.models.spin.export_fused`)."""
+        """``(model, params)`` with the fusion folded away (:func:`wtjax.core.spin.options.export_fused`)."""
         return spin.export_fused(self, params, "mixer", self.share_predicate)

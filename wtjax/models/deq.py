@@ -8,7 +8,7 @@ for :class:`~wtjax.models.mlp.MLP` (``embed``, ``embed_ln``, ``tied/block``, ``h
 
 MDEQ's schedule: the first ``deq_pretrain_steps`` training steps run the block ``depth`` times as
 an ordinary dense weight-tied model (backprop through the ``depth`` reuses, the same function as
-the dense :class:`~wtjax.tied.Tied` stack);
+the dense :class:`~wtjax.core.tied.Tied` stack);
 afterwards the solver takes over. The model decides from the ``step`` call argument:
 
 * ``step=None`` (default): the solver (the phase after pretraining; evaluation of a trained DEQ);
@@ -16,7 +16,7 @@ afterwards the solver takes over. The model decides from the ``step`` call argum
 * ``step`` a traced int array (``state.step`` inside a jitted train step): ``lax.cond`` picks the
   phase at run time, so the step function is compiled once.
 
-The train and eval steps (:mod:`wtjax.steps`) pass ``step=`` to every model whose ``__call__``
+The train and eval steps (:mod:`wtjax.job.steps`) pass ``step=`` to every model whose ``__call__``
 declares it (the final step at evaluation).
 
 Block parameters reach the solver explicitly: at init the tied stack is called once (creating
@@ -35,7 +35,7 @@ same linear system, so it measures the backward solver's health; it costs one ba
 fp_weight * fp_loss`` (zero at evaluation and during pretraining): the train loop adds it to the
 task loss. All metrics are zero in the pretraining phase (``deq_active = 0``).
 
-Mixed precision (``dtype``, :mod:`wtjax.precision`): the stem, the head and every evaluation of
+Mixed precision (``dtype``, :mod:`wtjax.core.precision`): the stem, the head and every evaluation of
 the block run in the compute dtype, while the solver works in float32: its state, iterates,
 residuals and Anderson/Broyden linear algebra, and the adjoint solve. ``f`` casts ``z`` to the
 compute dtype and the block's output back to float32. A bfloat16 block's residual has a floor
@@ -49,8 +49,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.conv import Conv
+from wtjax.core import precision
+from wtjax.core.conv import Conv
+from wtjax.core.tied import Tied
 from wtjax.implicit import (
     GRAD_MODES,
     SolverConfig,
@@ -61,7 +62,6 @@ from wtjax.implicit import (
 )
 from wtjax.models.mlp import MLP_SIZES, MLPBlock, resolve_width
 from wtjax.models.resnet_like import ResidualInjectionBlock
-from wtjax.tied import Tied
 
 METRIC_NAMES = (
     "deq_active",
@@ -102,9 +102,9 @@ class DEQBase(nn.Module):
         ``jac_loss_freq``); the coin uses the ``dropout`` RNG.
       fp_weight: weight of the fixed-point residual (correction) loss (0 disables it).
       monitor_backward: measure the adjoint solve at training steps (``deq_bwd_*``).
-      remat_policy: remat policy of the pretraining stack (:class:`~wtjax.tied.Tied`).
+      remat_policy: remat policy of the pretraining stack (:class:`~wtjax.core.tied.Tied`).
       dtype: compute dtype of the block, stem and head, ``'float32'`` or ``'bfloat16'``
-        (:mod:`wtjax.precision`); the solver stays float32 (module docstring).
+        (:mod:`wtjax.core.precision`); the solver stays float32 (module docstring).
     """
 
     depth: int = 8

@@ -4,7 +4,7 @@
 ``x`` are injected at every iteration, so ``z*`` depends on the input, and from ``z_0 = 0`` the
 first iterate is the tied CCT's first layer output. The tokenizer, pooling and classifier are
 those of :class:`wtjax.models.cct.CCT` (same parameter names); the layer lives under
-``tied/block/layer`` (created by :class:`wtjax.tied.Tied`, as in the other DEQ models). Solver,
+``tied/block/layer`` (created by :class:`wtjax.core.tied.Tied`, as in the other DEQ models). Solver,
 gradient modes, pretraining phase, metrics and ``aux_loss``: :class:`wtjax.models.deq.DEQBase`.
 Dropout and stochastic depth are off inside the solver (the map must be deterministic).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
+from wtjax.core import precision
 from wtjax.models.cct import CCTEncoderLayer, embed_tokens, pool_and_classify
 from wtjax.models.deq import _CALL_DOC, DEQBase
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.masks import MaskSpec
-from wtjax.tied import Tied
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec
+from wtjax.core.tied import Tied
 
 FORMS = ("tied", "not_tied")
 MLP_SIZES = {"small": 256, "large": 512}
@@ -56,7 +56,7 @@ class MLPBlock(nn.Module):
 
     Attributes:
       width: units of both Dense layers (the state size).
-      dtype: compute dtype of the layers (``None``: promotion; :mod:`wtjax.precision`).
+      dtype: compute dtype of the layers (``None``: promotion; :mod:`wtjax.core.precision`).
     """
 
     width: int
@@ -85,7 +85,7 @@ class MLP(nn.Module):
       mask: mask kind, density, N:M and seed (applied to the two tied Dense kernels only).
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 

@@ -21,7 +21,7 @@ batch/group norm of the input.
 logs): ``mon_fwd_iters`` (forward splitting iterations), ``mon_fwd_res`` (final max per-sample
 relative change) and ``mon_fwd_nonconverged`` (1 if the solve stopped at ``max_iter`` above tol).
 
-Mixed precision (``dtype``, :mod:`wtjax.precision`): only the input projection ``U`` and the head
+Mixed precision (``dtype``, :mod:`wtjax.core.precision`): only the input projection ``U`` and the head
 run in the compute dtype. ``W`` (built from ``A``, ``B``), the splitting iterations, their FFTs
 and the implicit backward stay float32: the solver's convergence test and the monotonicity
 margin ``m`` need more than bfloat16's 8 bits of mantissa.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
+from wtjax.core import precision
 from wtjax.implicit import monotone as mon
 
 _init_ab = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -132,7 +132,7 @@ class MonDEQFC(nn.Module):
       max_iter, tol: forward (and backward) iteration cap and forward tolerance.
       backward_tol: tolerance of the adjoint solve.
       dtype: compute dtype of ``U`` and the head, ``'float32'`` or ``'bfloat16'``
-        (:mod:`wtjax.precision`); the equilibrium solve stays float32 (module docstring).
+        (:mod:`wtjax.core.precision`); the equilibrium solve stays float32 (module docstring).
     """
 
     num_classes: int = 10

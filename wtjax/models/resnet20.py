@@ -18,7 +18,7 @@ Choices (stated because the paper does not give them):
   and the model contract has a single ``params`` collection. GroupNorm has the same
   ``2*channels`` parameters, so the counts equal BatchNorm ResNet-20's.
 * **Tying**: within each stage the shape-compatible blocks (all but the first) share one weight
-  through :class:`wtjax.tied.Tied`, with the usual mask modes; the tie's depth is the number of
+  through :class:`wtjax.core.tied.Tied`, with the usual mask modes; the tie's depth is the number of
   blocks it replaces (``blocks_per_stage - 1``). The first block of stage 1 keeps its own weight
   too (it does not downsample), so every stage has the same structure. The three tied stages get
   different masks from one seed (masks hash each stage's path). ``not_tied`` is the plain
@@ -43,11 +43,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.conv import Conv
-from wtjax.masks import MaskSpec
+from wtjax.core import precision
+from wtjax.core.conv import Conv
+from wtjax.core.masks import MaskSpec
+from wtjax.core.tied import Tied
 from wtjax.models.mlp import resolve_width
-from wtjax.tied import Tied
 
 FORMS = ("tied", "not_tied")
 RESNET20_SIZES = {"small": 8, "large": 64}
@@ -80,7 +80,7 @@ class BasicBlock(nn.Module):
       features: output channels.
       strides: stride of ``conv1`` (1 or 2).
       groups: GroupNorm groups (must divide ``features``).
-      conv_impl: convolution implementation (:mod:`wtjax.conv`).
+      conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
       dtype: compute dtype of the convolutions and norm outputs (``None``: promotion).
     """
 
@@ -120,8 +120,8 @@ class ResNet20(nn.Module):
       groups: GroupNorm groups.
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
-      conv_impl: convolution implementation (:mod:`wtjax.conv`).
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 

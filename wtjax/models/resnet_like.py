@@ -16,7 +16,7 @@ bias-free 3x3 convs and three GroupNorms), the stem ``27*C + 2*C`` and the head 
 widths; ``size='small'`` (C=44: 36,838) and ``size='large'`` (C=172: 540,262) are the multiples of
 the 4 GroupNorm groups nearest its Table 1b counts for the weight-tied ResNet (35k and 0.53M).
 ``width=`` (default 64, the width of the performance notes) is used when ``size`` is None.
-``dtype`` is the compute dtype (mixed precision policy: :mod:`wtjax.precision`).
+``dtype`` is the compute dtype (mixed precision policy: :mod:`wtjax.core.precision`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.conv import Conv
-from wtjax.masks import MaskSpec
-from wtjax.tied import Tied
+from wtjax.core import precision
+from wtjax.core.conv import Conv
+from wtjax.core.masks import MaskSpec
+from wtjax.core.tied import Tied
 
 FORMS = ("tied", "not_tied")
 SIZES = {"small": 44, "large": 172}
@@ -71,10 +71,10 @@ class ResNetLike(nn.Module):
       groups: GroupNorm groups.
       scan: scan (default) or the unrolled reference loop.
       remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
-      checkpoint_every: depth-memory mode of the tie (:class:`~wtjax.tied.Tied`): ``None``, an int
+      checkpoint_every: depth-memory mode of the tie (:class:`~wtjax.core.tied.Tied`): ``None``, an int
         or ``'sqrt'``.
-      conv_impl: convolution implementation (:mod:`wtjax.conv`).
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
+from wtjax.core import precision
 
 #: Standard sizes (ViT paper Table 1; Ti/S from AugReg, "How to train your ViT?").
 VARIANTS = {
@@ -91,7 +91,7 @@ class EncoderBlock(nn.Module):
       dropout_rate: dropout after attention and inside/after the MLP.
       attention_dropout_rate: dropout on the attention weights.
       dtype: compute dtype (``None``: promotion); the attention softmax then runs in float32
-        (:func:`wtjax.precision.attention_kwargs`).
+        (:func:`wtjax.core.precision.attention_kwargs`).
     """
 
     mlp_dim: int
@@ -140,7 +140,7 @@ class ViT(nn.Module):
       representation_size: width of the tanh ``pre_logits`` layer (in21k checkpoints: = width);
         ``None`` drops it (the fine-tuning default of vision_transformer).
       dropout_rate, attention_dropout_rate: dropout rates (0 in fine-tuning).
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 

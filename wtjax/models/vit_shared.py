@@ -1,4 +1,4 @@
-"""Isotropic ViT whose encoder stack goes through :class:`wtjax.tied.Tied` (not-tied, tied, SPIN-shared).
+"""Isotropic ViT whose encoder stack goes through :class:`wtjax.core.tied.Tied` (not-tied, tied, SPIN-shared).
 
 The layer is :class:`wtjax.models.vit.EncoderBlock` (the public-checkpoint block), reused as is:
 ``patch embedding + position embedding -> depth x EncoderBlock -> LayerNorm -> pool -> head``.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wtjax import precision
-from wtjax.masks import MaskSpec
-from wtjax.models import spin
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec
+from wtjax.core.spin import options as spin
+from wtjax.core.tied import Tied
 from wtjax.models.vit import AddPositionEmbs, EncoderBlock
-from wtjax.tied import Tied
 
 SHARE_PARAMS = ("all", "attention", "mlp")
 
@@ -66,11 +66,11 @@ class SharedViT(nn.Module):
       num_classes, patch_size, width, depth, mlp_dim, num_heads: ViT sizes.
       classifier: ``gap`` (mean of tokens) or ``token`` (a cls token).
       dropout_rate, attention_dropout_rate: dropout rates.
-      form, share_*, affine_groups, fusion: sharing (:mod:`wtjax.models.spin`); ``share_params``
+      form, share_*, affine_groups, fusion: sharing (:mod:`wtjax.core.spin.options`); ``share_params``
         in ``all``/``attention``/``mlp``.
       mask_mode, mask: masks on the reused kernels.
       scan, remat_policy: loop implementation.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.precision`); parameters
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
         and logits stay float32.
     """
 
@@ -148,9 +148,9 @@ class SharedViT(nn.Module):
         return logits, out
 
     def from_not_tied(self, fused_init: dict, not_tied: dict) -> dict:
-        """SPIN fusion init from a trained not-tied model (:func:`wtjax.models.spin.from_not_tied`)."""
+        """SPIN fusion init from a trained not-tied model (:func:`wtjax.core.spin.options.from_not_tied`)."""
         return spin.from_not_tied(fused_init, not_tied, "encoder")
 
     def export_fused(self, params: dict):
-        """``(model, params)`` with the fusion folded away (:func:`wtjax.models.spin.export_fused`)."""
+        """``(model, params)`` with the fusion folded away (:func:`wtjax.core.spin.options.export_fused`)."""
         return spin.export_fused(self, params, "encoder", self.share_predicate)

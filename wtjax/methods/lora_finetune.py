@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from wtjax.lora import LoraSpec, init_lora, lora_view, merge
+from wtjax.methods.lora import LoraSpec, init_lora, lora_view, merge
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -42,7 +42,7 @@ class LoraFinetune:
     """LoRA adapters plus a set of base parameters that are trained in full (the new head).
 
     Attributes:
-      spec: the adapters (:class:`wtjax.lora.LoraSpec`).
+      spec: the adapters (:class:`wtjax.methods.lora.LoraSpec`).
       train_base: regex searched in each base parameter's ``'/'``-joined path; matches are
         trained in full (default: the classifier ``head``, reinitialised for the new task).
         ``''`` trains LoRA parameters only.

@@ -7,7 +7,7 @@ Variable collections (decided once, here):
   shared weight's gradient is the sum of the per-reuse gradients.
 * masks are **per reuse** and **never stored**: each reuse sees the parameters through a view
   that multiplies the selected kernels by a mask made inside the scan step from
-  ``fold_in(fold_in(seed, path), reuse_index)`` (see :mod:`wtjax.masks`).
+  ``fold_in(fold_in(seed, path), reuse_index)`` (see :mod:`wtjax.core.masks`).
 * the carried state ``z`` is the only thing passed from one reuse to the next; extra positional
   arguments (e.g. an input injection ``x``) are broadcast to every reuse.
 * ``dropout`` RNGs are split per reuse. Collections that would need per-reuse *statistics*
@@ -23,7 +23,7 @@ for each masked leaf, either one mask of the leaf's shape used at every reuse or
 stacked on a leading axis, one per reuse. Leaves without a mask stay dense. Being a collection,
 they travel with the training state and are checkpointed and sharded like it).
 
-SPIN parameter sharing (``weight_map``, see :mod:`wtjax.sharing`) goes through the same tie: the
+SPIN parameter sharing (``weight_map``, see :mod:`wtjax.core.spin.sharing`) goes through the same tie: the
 ``block`` parameters selected by ``share_predicate`` are stored as ``P = max(weight_map) + 1``
 sets stacked on a leading axis, the others as ``depth`` per-layer sets, and reuse ``i`` sees
 ``params[weight_map[i]]`` (resp. ``params[i]``) through the same per-reuse view that applies the
@@ -45,8 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from wtjax import precision, sharing
-from wtjax.masks import MaskSpec, apply_masks, default_predicate
+from wtjax.core import precision
+from wtjax.core.masks import MaskSpec, apply_masks, default_predicate
+from wtjax.core.spin import sharing
 
 MASK_MODES = ("dense", "same", "multi", "dropout", "stored")
 
@@ -117,7 +118,7 @@ class Tied(nn.Module):
       block: the Linen module to reuse (its parameters live under ``<this>/block``).
       depth: number of reuses K at training time (override per call with ``depth=``).
       mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (module docstring).
-      mask: which parameters are masked and how (:class:`wtjax.masks.MaskSpec`).
+      mask: which parameters are masked and how (:class:`wtjax.core.masks.MaskSpec`).
       scan: ``True`` compiles one loop body with ``nn.scan``; ``False`` is a plain Python loop
         over the same submodule, the reference the scan is tested against (compile time grows
         with depth).
@@ -136,21 +137,21 @@ class Tied(nn.Module):
         ``depth`` in scan mode (``variable_axes={'params': 0}``) or held by ``depth`` separate
         submodules ``block_0 .. block_{K-1}`` in the unrolled mode. Its depth cannot change per call.
       weight_map: ``None`` (the default: every reuse shares one parameter set, the tree above) or
-        a SPIN layer-to-weight map of length ``depth`` (:func:`wtjax.sharing.layer_to_weight`):
+        a SPIN layer-to-weight map of length ``depth`` (:func:`wtjax.core.spin.sharing.layer_to_weight`):
         reuse ``i`` uses parameter set ``weight_map[i]``. The depth cannot change per call.
       share_predicate: ``predicate(path, leaf) -> bool`` choosing the block parameters that
         follow ``weight_map`` (``leaf`` has the per-layer shape); the others get one set per
         layer. ``None`` shares every parameter. SPIN's ConvMixer shares only the pointwise conv.
       affine_groups: ``None`` or the group size ``G`` of SPIN's per-layer affine transform of
-        every shared kernel, ``f_i(W) = a_i * W + b_i`` (:func:`wtjax.sharing.affine_apply`).
+        every shared kernel, ``f_i(W) = a_i * W + b_i`` (:func:`wtjax.core.spin.sharing.affine_apply`).
         The first layer using a set sees it as is; each later one has its own transform, stored
         under ``<this>/affine`` with a leading axis of size ``depth - P`` (in layer order),
         initialised to the identity. This reproduces SPIN Table 2's parameter counts.
-      fusion: ``None`` or a fusion strategy (:data:`wtjax.sharing.FUSIONS`): shared leaves are
+      fusion: ``None`` or a fusion strategy (:data:`wtjax.core.spin.sharing.FUSIONS`): shared leaves are
         stored per layer and fused per reuse; learnable fusion weights of shared kernels live
         under ``<this>/fusion`` (leading depth axis), initialised so the fusion is the mean.
       dtype: ``None`` (the view keeps the parameters' dtype) or a compute dtype name of
-        :mod:`wtjax.precision` (``'float32'``, ``'bfloat16'``): the view casts the masked leaves
+        :mod:`wtjax.core.precision` (``'float32'``, ``'bfloat16'``): the view casts the masked leaves
         to it before multiplying by the masks (0/1, so exact), and the block receives them in it;
         gradients reach the float32 parameters through the cast. ``'float32'`` is ``None``.
     """

@@ -1,7 +1,7 @@
 """SPIN cross-layer parameter sharing: topologies, per-layer affine transforms and weight fusion.
 
 Pure functions (numpy for the static topology, ``jax.numpy`` for the weight maths); no Flax. The
-tying itself lives in :class:`wtjax.tied.Tied` (field ``weight_map``), which calls the functions
+tying itself lives in :class:`wtjax.core.tied.Tied` (field ``weight_map``), which calls the functions
 here inside its per-reuse parameter view.
 
 **Topology** (SPIN, Lin et al. 2022, Section 3.2 and Figure 2). A network of ``L`` layers with

@@ -1,6 +1,6 @@
 r"""Analyse trained runs: layer-to-layer CKA heatmaps and per-layer linear probes.
 
-    python -m wtjax.analysis.run --workdir=runs/multi --workdir=runs/same --out=analysis/ \
+    python -m wtjax.tools.analyse --workdir=runs/multi --workdir=runs/same --out=analysis/ \
         --num_examples=1000
 
 For every ``--workdir`` of the training job it rebuilds the model from ``config.json``, restores
@@ -39,7 +39,9 @@ def load_run(workdir: str | Path):
     """``(config, model, variables, dataset)`` of a finished or interrupted training run."""
     import orbax.checkpoint as ocp
 
-    from wtjax import config_schema, input_pipeline, pruning
+    from wtjax.data import pipeline as input_pipeline
+    from wtjax.job import config as config_schema
+    from wtjax.methods import pruning
 
     workdir = Path(workdir)
     config_file = workdir / "config.json"

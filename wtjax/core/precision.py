@@ -9,7 +9,7 @@ The policy, the same for every model family:
 * **the compute dtype**: activations and the inputs of every matmul and convolution. The images
   are cast at the stem, each layer casts its float32 parameters when it uses them (the gradient
   flows back to the float32 master weight through that cast), and a tie's masks are applied to
-  the cast kernels (:class:`wtjax.tied.Tied`; masks are 0/1, so this is exact).
+  the cast kernels (:class:`wtjax.core.tied.Tied`; masks are 0/1, so this is exact).
 
 ``'float32'`` (the default) changes nothing: layers get ``dtype=None`` and promote their inputs
 and parameters as they always did, so float32 runs are bit-identical to runs without a policy

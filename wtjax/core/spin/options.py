@@ -1,15 +1,15 @@
 """SPIN sharing options shared by the isotropic models (ConvMixer, CCT, shared ViT).
 
 Every model with a stack of identical layers exposes the same config-friendly fields and turns
-them into :class:`wtjax.tied.Tied` arguments here, so there is one implementation of tying:
+them into :class:`wtjax.core.tied.Tied` arguments here, so there is one implementation of tying:
 
 * ``form``: ``not_tied`` (one parameter set per layer), ``tied`` (one set reused by every layer,
   optionally multi-masked) or ``shared`` (a SPIN topology: ``depth / share_rate`` sets);
 * ``share_rate``, ``share_mapping``, ``share_distribution``, ``share_seed``: the topology
-  (:func:`wtjax.sharing.layer_to_weight`);
+  (:func:`wtjax.core.spin.sharing.layer_to_weight`);
 * ``share_params``: a name choosing which block parameters follow the topology (the rest stay
   per layer), resolved by the model;
-* ``affine_groups`` (0: off) and ``fusion`` (``'none'`` or a :data:`wtjax.sharing.FUSIONS` name).
+* ``affine_groups`` (0: off) and ``fusion`` (``'none'`` or a :data:`wtjax.core.spin.sharing.FUSIONS` name).
 
 :func:`from_not_tied` initialises a fused model from a trained not-tied one (SPIN's weight fusion)
 and :func:`export_fused` folds the fusion away (SPIN: "F does not incur a cost at inference").
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from wtjax import sharing
-from wtjax.tied import fold_fusion
+from wtjax.core.spin import sharing
+from wtjax.core.tied import fold_fusion
 
 FORMS = ("not_tied", "tied", "shared")
 

@@ -201,7 +201,7 @@ class Conv(nn.Module):
 
     The parameters sit directly on this module (``<name>/kernel``), initialised like ``nn.Conv``
     (``lecun_normal`` kernel, zero bias) and stored in float32. Inputs and parameters are cast to
-    ``dtype`` when it is set (mixed precision, :mod:`wtjax.precision`), else promoted to a common
+    ``dtype`` when it is set (mixed precision, :mod:`wtjax.core.precision`), else promoted to a common
     dtype.
 
     Attributes:

@@ -24,8 +24,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax import checkpointing, config_schema, metrics, optim, parallel, preemption, steps
-from wtjax.lora_finetune import FinetuneHook
+from wtjax.job import checkpointing, metrics, optim, parallel, preemption, steps
+from wtjax.job import config as config_schema
+from wtjax.methods.lora_finetune import FinetuneHook
 
 PARAMS_SEED, DROPOUT_SEED = 0, 1
 
@@ -34,7 +35,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluate.
 
     Args:
-      config: a ``ConfigDict`` built with :func:`wtjax.config_schema.base_config`.
+      config: a ``ConfigDict`` built with :func:`wtjax.job.config.base_config`.
       workdir: run directory (``config.json``, ``metrics.jsonl``, ``tensorboard/``,
         ``checkpoints/``, ``summary.json``).
 
@@ -43,7 +44,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       ``num_params``, ``wall_time_s`` and the last logged training metrics.
 
     Raises:
-      wtjax.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
+      wtjax.job.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
         last checkpoint written before it is kept).
@@ -62,7 +63,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
 
     # ---------------------------------------------------------------- 2. Data
-    from wtjax import input_pipeline  # imported here: it pulls in tfds only when a job runs
+    from wtjax.data import pipeline as input_pipeline  # imported here: it pulls in tfds only when a job runs
 
     process_index, process_count = parallel.process_info()
     parallel.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
@@ -183,7 +184,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 t_interval, steps_in_interval = time.perf_counter(), 0
                 progress.restart(done)
             progress.update(done)
-            preempted = watch.reached(done)  # save this step and stop (wtjax/preemption.py)
+            preempted = watch.reached(done)  # save this step and stop (wtjax/job/preemption.py)
 
             if done % config.log_every_steps == 0 or done == total_steps or preempted:
                 averages = flush_pending(step)
@@ -228,7 +229,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         "wall_time_s": wall,
     }
     if masks is not None:  # pruning at initialisation: the fraction removed per masked leaf
-        from wtjax import pruning
+        from wtjax.methods import pruning
 
         summary["pruned_fraction"] = pruning.sparsity_report({**masks["params"], **masks["masks"]})
     if main:
@@ -283,9 +284,9 @@ def _pruning_masks(config, model, tx, dataset, params_key, key):
 
     Computed eagerly once per job from the seed (the initial parameters, the first training batch
     of ``pruning.batch_size`` examples, the key ``fold_in(key, PRUNING_SEED)``), so a resumed job
-    recomputes exactly the masks its checkpoint holds. See :func:`wtjax.pruning.init_masks`.
+    recomputes exactly the masks its checkpoint holds. See :func:`wtjax.methods.pruning.init_masks`.
     """
-    from wtjax import pruning
+    from wtjax.methods import pruning
 
     if config.pruning.method is None:
         return None

@@ -11,11 +11,11 @@ A *study* is a folder holding ``study.py`` with two functions:
 
 Commands (several studies may share runs: a run is identified by its ``id`` and done once)::
 
-    python -m wtjax.sweep list experiments/fig5_masks                 # runs and exact commands
-    python -m wtjax.sweep run experiments/fig5_masks --shard=0/2      # half of the runs
-    python -m wtjax.sweep aggregate experiments/fig5_masks            # table + plots
+    python -m wtjax.tools.sweep list experiments/fig5_masks                 # runs and exact commands
+    python -m wtjax.tools.sweep run experiments/fig5_masks --shard=0/2      # half of the runs
+    python -m wtjax.tools.sweep aggregate experiments/fig5_masks            # table + plots
 
-Each run trains in its own workdir ``<root>/<scale>/<id>`` with :func:`wtjax.train.train_and_evaluate`,
+Each run trains in its own workdir ``<root>/<scale>/<id>`` with :func:`wtjax.job.train.train_and_evaluate`,
 so an interrupted run resumes from its last checkpoint and a finished one (``summary.json`` in
 its workdir) is skipped. Its result (the run definition, the job's summary, the eval curve and
 the median step time) is then written to ``<results>/<scale>/<id>.json``; these small files are
@@ -83,7 +83,7 @@ def load_config(run: Run):
     Raises:
       KeyError/AttributeError: an override names a field the config does not have.
     """
-    from wtjax import config_schema
+    from wtjax.job import config as config_schema
 
     config = config_schema.load_config_file(REPO / run.config, run.arg)
     config.lock()  # an override of an unknown field fails instead of adding it
@@ -140,7 +140,7 @@ def result_path(results_dir: str | Path, scale: str, run: Run) -> Path:
 
 def collect(run: Run, workdir: str | Path) -> dict:
     """A finished run's result: definition, the job's summary, eval curve, median step time."""
-    from wtjax import metrics
+    from wtjax.job import metrics
 
     workdir = Path(workdir)
     summary = json.loads((workdir / "summary.json").read_text())
@@ -177,7 +177,7 @@ def execute(
     is reported and skipped; the others still run, then ``RuntimeError`` names the failures.
     """
     if train_fn is None:
-        from wtjax.train import train_and_evaluate as train_fn
+        from wtjax.job.train import train_and_evaluate as train_fn
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
@@ -312,7 +312,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m wtjax.sweep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m wtjax.tools.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("list", "run", "aggregate"))
     ap.add_argument("studies", nargs="+", help="study folders (each with study.py)")
     ap.add_argument("--scale", default="cpu", help="the studies' setting: cpu (default) or paper")

@@ -4,7 +4,7 @@ XLA compiles for a device *description*: ``jax.experimental.topologies.get_topol
 abstract devices of a TPU slice (with ``libtpu`` installed, e.g. ``jax[tpu]``) or of GPUs
 described by an XLA ``GpuTargetConfig`` (with the ``jax-cuda12-plugin``/``-pjrt`` wheels of the
 installed jax, under ``JAX_PLATFORMS=cpu``). A data-parallel mesh over those devices, the job's
-own jitted step (:func:`wtjax.parallel.jit_train_step`) and sharded ``jax.ShapeDtypeStruct``
+own jitted step (:func:`wtjax.job.parallel.jit_train_step`) and sharded ``jax.ShapeDtypeStruct``
 arguments give the exact program a real run would execute, so on a CPU-only machine we get:
 
 * whether it compiles at all (the TPU compiler refuses programs larger than HBM with
@@ -35,9 +35,12 @@ import numpy as np
 from jax.extend import core as jax_core
 from jax.sharding import Mesh
 
-from wtjax import config_schema, lora_finetune, optim, parallel, steps
+from wtjax.job import config as config_schema
+from wtjax.job import optim, parallel, steps
 
 # A multiply-add is 2 FLOPs; only dot products and convolutions are counted (they dominate).
+from wtjax.methods import lora_finetune
+
 _DOT, _CONV = "dot_general", "conv_general_dilated"
 
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wtjax import metrics, pruning
+from wtjax.job import metrics
+from wtjax.methods import pruning
 
 
 def takes_step(model) -> bool:
@@ -27,7 +28,7 @@ def takes_step(model) -> bool:
 def make_init_state(model, tx, image_shape, params_key, masks=None, params=None):
     """``init_state() -> {'step': 0, 'params', 'opt_state'}`` (parameters from ``params_key``).
 
-    ``masks`` (pruning at initialisation, :func:`wtjax.pruning.init_masks`) are added to the
+    ``masks`` (pruning at initialisation, :func:`wtjax.methods.pruning.init_masks`) are added to the
     state as ``state['masks']`` so they are checkpointed and sharded with it.
     """
     extra = {"step": 0} if takes_step(model) else {}

@@ -79,7 +79,7 @@ def jit_train_step(train_step, mesh: Mesh, num_frozen: int = 0):
 
     The state and the ``num_frozen`` extra arguments are replicated, the batch is split over
     ``'data'``; the old state's buffers are donated to the new state. The training job and the
-    ahead-of-time compiler (:mod:`wtjax.aot`) compile this same program.
+    ahead-of-time compiler (:mod:`wtjax.tools.aot`) compile this same program.
     """
     rep = replicated(mesh)
     return jax.jit(

@@ -7,10 +7,10 @@ it is defined below):
 * ``model``: ``name`` plus **every** field of the registered model class, filled from the class
   defaults by :func:`model_config` (so ``--config.model.<field>=...`` works for any field and a
   misspelt field fails); the mask is ``model.mask = dict(kind, density, n, m, seed)`` and becomes a
-  :class:`wtjax.masks.MaskSpec`; ``num_classes`` comes from the dataset;
-* ``data``: the fields of :func:`wtjax.input_pipeline.create_dataset`;
-* ``optim``: the fields of :mod:`wtjax.optim`;
-* ``distributed``: multi-process set-up (:mod:`wtjax.parallel`).
+  :class:`wtjax.core.masks.MaskSpec`; ``num_classes`` comes from the dataset;
+* ``data``: the fields of :func:`wtjax.data.pipeline.create_dataset`;
+* ``optim``: the fields of :mod:`wtjax.job.optim`;
+* ``distributed``: multi-process set-up (:mod:`wtjax.job.parallel`).
 
 Config files call ``base_config(model=..., data=..., optim=...)`` and may parse a short
 ``k=v,k=v`` argument with :func:`parse_arg`. :func:`validate` rejects unknown top-level keys and
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ml_collections import config_dict
 
-from wtjax.masks import MaskSpec
+from wtjax.core.masks import MaskSpec
 
 MASK_FIELDS = ("kind", "density", "n", "m", "seed")
 # Model fields that are not configuration: the number of classes comes from the dataset.
@@ -160,7 +160,7 @@ def build_model(model_config, num_classes: int):
 
 
 def data_config(name: str, **overrides) -> config_dict.ConfigDict:
-    """``config.data``: the fields :func:`wtjax.input_pipeline.create_dataset` reads.
+    """``config.data``: the fields :func:`wtjax.data.pipeline.create_dataset` reads.
 
     Raises:
       KeyError: an unknown field.
@@ -209,7 +209,7 @@ def data_config(name: str, **overrides) -> config_dict.ConfigDict:
 
 
 def optim_config(name: str, learning_rate: float, **overrides) -> config_dict.ConfigDict:
-    """``config.optim``: the fields :func:`wtjax.optim.create_optimizer` reads.
+    """``config.optim``: the fields :func:`wtjax.job.optim.create_optimizer` reads.
 
     Raises:
       KeyError: an unknown field.
@@ -239,7 +239,7 @@ def optim_config(name: str, learning_rate: float, **overrides) -> config_dict.Co
 
 
 def pruning_config(**overrides) -> config_dict.ConfigDict:
-    """``config.pruning``: pruning at initialisation (:func:`wtjax.pruning.init_masks`).
+    """``config.pruning``: pruning at initialisation (:func:`wtjax.methods.pruning.init_masks`).
 
     Raises:
       KeyError: an unknown field.
@@ -298,7 +298,7 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
         }
     )
     cfg.pruning = pruning_config()  # pruning at initialisation (off unless pruning.method is set)
-    # LoRA fine-tuning of a frozen pretrained model (wtjax.lora_finetune.FinetuneHook); None: off.
+    # LoRA fine-tuning of a frozen pretrained model (wtjax.methods.lora_finetune.FinetuneHook); None: off.
     cfg.pretrained = config_dict.placeholder(str)  # local public-layout ViT .npz
     cfg.lora = None  # kind, rank, alpha, depth, density, seed, targets, train_base (configs/vtab_lora.py)
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
@@ -319,7 +319,7 @@ def validate(config, num_classes: int | None = None) -> None:
 
     Checks: no unknown top-level keys; the ``data`` and ``optim`` sections have exactly the known
     fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
-    devices is checked by :func:`wtjax.parallel.check_batch_size`); the model builds from
+    devices is checked by :func:`wtjax.job.parallel.check_batch_size`); the model builds from
     ``config.model`` (unknown fields, names and mask values fail in
     :func:`wtjax.models.build_model` / :class:`MaskSpec`).
     """
@@ -328,7 +328,7 @@ def validate(config, num_classes: int | None = None) -> None:
         raise KeyError(f"unknown top-level config key(s) {unknown}; known keys are {sorted(_TOP_LEVEL)}")
     missing = sorted(_TOP_LEVEL - set(config.keys()))
     if missing:
-        raise KeyError(f"config is missing key(s) {missing}; build it with wtjax.config_schema.base_config")
+        raise KeyError(f"config is missing key(s) {missing}; build it with wtjax.job.config.base_config")
     sections = (
         ("data", data_config("x")),
         ("optim", optim_config("adam", 0.0)),

@@ -10,7 +10,7 @@ init, so training starts from the pretrained function). This is the paper's sect
 ``W = W_pre + sum_i (m_{i,1} . B)(m_{i,2} . A)`` written in Flax's ``(in, out)`` layout, i.e.
 transposed: our ``A`` is the paper's ``A^T`` and our ``B`` its ``B^T``. The masks are binary,
 static and never stored: ``m_{i,X} = MaskSpec.make(mask_key(seed, i, path + ('lora_X',)))``, the
-same fold_in machinery as the tied block (:mod:`wtjax.masks`), so they are deterministic,
+same fold_in machinery as the tied block (:mod:`wtjax.core.masks`), so they are deterministic,
 distinct for each reuse ``i``, for A and B, and for every layer. Both variants have exactly
 ``r * (d_in + d_out)`` trainable parameters per kernel; a depth-``d`` multi-mask update can
 reach rank ``min(d * r, d_in, d_out)`` instead of ``r``.
@@ -27,7 +27,7 @@ The API is functional and works on any Linen model's ``params``::
     logits, _ = model.apply({'params': lora_view(base_params, lora, spec)}, images)
     merged = merge(base_params, lora, spec)                           # plain params, for inference
 
-:class:`LoraFinetune` (in :mod:`wtjax.lora_finetune`) packages this for a training loop (frozen
+:class:`LoraFinetune` (in :mod:`wtjax.methods.lora_finetune`) packages this for a training loop (frozen
 base, optax masking, checkpointing only the trainable leaves). This module imports only jax,
 flax and numpy.
 """
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from wtjax.masks import MaskSpec, mask_key
+from wtjax.core.masks import MaskSpec, mask_key
 
 LORA_KINDS = ("lora", "multi_mask")
 LORA_A, LORA_B = "lora_a", "lora_b"

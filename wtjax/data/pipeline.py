@@ -130,8 +130,8 @@ def create_dataset(data_config: Any, *, seed: int, process_index: int = 0, proce
         corrupt or mismatched data, or data that cannot be prepared here.
     """
     name = _field(data_config, "name")
-    if str(name).startswith("vtab/"):  # 'vtab/<task>' or 'vtab/<task>/val' (wtjax/vtab.py)
-        from wtjax import vtab
+    if str(name).startswith("vtab/"):  # 'vtab/<task>' or 'vtab/<task>/val' (wtjax/data/vtab.py)
+        from wtjax.data import vtab
 
         return vtab.from_data_config(
             data_config, seed=seed, process_index=process_index, process_count=process_count

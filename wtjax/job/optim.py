@@ -1,6 +1,6 @@
 """The optax optimizer and learning-rate schedule described by ``config.optim``.
 
-Fields of ``config.optim`` (see :func:`wtjax.config_schema.optim_config`):
+Fields of ``config.optim`` (see :func:`wtjax.job.config.optim_config`):
 
 * ``name``: ``adam`` | ``adamw`` | ``sgd``;
 * ``learning_rate``: the peak rate; ``schedule``: ``cosine`` | ``multistep`` | ``constant``;

@@ -24,7 +24,7 @@ Two steps (Pham et al., "Pruning deep equilibrium models", App. B):
   (``layer``). Ties are broken deterministically: at equal score the weight earlier in the
   order (sorted path, then row-major index) is kept; NaN scores rank lowest.
 
-Masks are partial trees (only the masked leaves), the layout of :class:`wtjax.tied.Tied`'s
+Masks are partial trees (only the masked leaves), the layout of :class:`wtjax.core.tied.Tied`'s
 ``stored`` masks; :func:`apply_masks` multiplies them into a parameter tree.
 
 **Tied blocks** (:func:`prune_model`). One scored mask per shared tensor (``per_reuse=False``): the
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from wtjax.masks import default_predicate, path_id
+from wtjax.core.masks import default_predicate, path_id
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 SCOPES = ("global", "layer")
@@ -117,7 +117,7 @@ def score(
       params: the parameter pytree (nested dicts).
       batch: the argument passed to ``loss_fn``.
       predicate: ``predicate(path, leaf) -> bool`` chooses the scored (prunable) leaves; default
-        :func:`wtjax.masks.default_predicate` (kernels).
+        :func:`wtjax.core.masks.default_predicate` (kernels).
       key: PRNG key (``random``).
       sparsity, scope, iterations: ``synflow`` only: its target, pruning scope and rounds.
 
@@ -412,7 +412,7 @@ def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> di
     and used through :func:`model_variables` in every train and eval step.
 
     Args:
-      pruning_config: ``config.pruning`` (fields of :func:`wtjax.config_schema.pruning_config`):
+      pruning_config: ``config.pruning`` (fields of :func:`wtjax.job.config.pruning_config`):
         ``method`` (``None``: off), ``sparsity``, ``scope``, ``include``/``exclude`` (path
         substrings selecting the pruned kernels), ``per_reuse``, ``tied_path``, ``iterations``.
       model: the Linen model (``model.apply(variables, images)`` returns ``(logits, out)``). A model

@@ -1,0 +1,1 @@
+"""The training job: configs, train state and steps, optimizers, parallelism, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Methods applied to a model's parameters: pruning at initialisation and (multi-mask) LoRA."""
