@@ -1,16 +1,59 @@
-"""Plot and table helpers shared by the study aggregators (mean ± std over seeds)."""
+"""Tables, statistics and plots of the studies' aggregators (mean ± std over seeds).
+
+A result is the dict :func:`wtjax.tools.sweep.collect` writes for a finished run (``tags``,
+``summary``, ``overrides``, ...). Figures are built with :class:`matplotlib.figure.Figure`, not
+pyplot, so aggregating never switches the caller's matplotlib backend.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from wtjax.tools.sweep import accuracy, group, mean_std  # noqa: E402
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan"), 0
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std, len(values)
+
+
+def group(results: Iterable[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Results grouped by the given tag names (seeds end up in the same group)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r["tags"].get(k) for k in keys), []).append(r)
+    return groups
+
+
+def accuracy(r: dict) -> float:
+    """Final eval accuracy, in percent."""
+    return 100.0 * r["summary"]["eval/accuracy"]
+
+
+def paired_gain(a: Iterable[dict], b: Iterable[dict]) -> list[float]:
+    """Accuracy of ``a`` minus ``b``, paired by seed (seeds present in both only)."""
+    by_seed = {r["tags"]["seed"]: accuracy(r) for r in b}
+    return [accuracy(r) - by_seed[r["tags"]["seed"]] for r in a if r["tags"]["seed"] in by_seed]
+
+
+def fmt(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± std (n)`` for a table cell; empty when there are no values."""
+    m, s, n = mean_std(values)
+    return "" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}" + ("" if n >= 3 else f" (n={n})")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table, one row per item of ``rows``, cells formatted with ``str``."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def series(results: Sequence[dict], x: str, line: str, *, where: Callable[[dict], bool] = lambda t: True):
@@ -56,16 +99,19 @@ def errorbar_panel(ax, lines: dict, *, xlabel: str, title: str, logx: bool = Fal
     ax.legend(fontsize=8)
 
 
-def save(fig, path: Path) -> None:
+def save(fig: Figure, path: Path) -> None:
+    """Writes ``fig`` as a PNG (tight layout, 120 dpi)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def figure(ncols: int = 1, width: float = 4.5, height: float = 3.6):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+def figure(ncols: int = 1, width: float = 4.5, height: float = 3.6) -> tuple[Figure, list]:
+    """A figure with one row of ``ncols`` panels and the list of their axes."""
+    fig = Figure(figsize=(width * ncols, height))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 
 def write(out_dir: Path, text: str, name: str = "results.md") -> None:
+    """Writes a generated table into the study folder."""
     (out_dir / name).write_text(text)

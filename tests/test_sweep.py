@@ -1,4 +1,8 @@
-"""The study runner: configs from run definitions, resumable and shareable sweeps, aggregation."""
+"""The study runner: configs from run definitions, resumable and shareable sweeps, aggregation.
+
+Runs from the repository root (pytest's directory): runs name their configs from there and the
+studies import the ``experiments`` package.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from experiments import report
 from wtjax.job import config as config_schema
 from wtjax.tools import sweep
 from wtjax.tools.sweep import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.parent for p in (ROOT / "experiments").glob("*/study.py"))
+RESULTS = ROOT / "experiments" / "results"  # the committed results of the CPU scale
 
 
 def tiny(rid="a", seed=0, **overrides):
@@ -135,16 +141,16 @@ def test_shared_ids_must_agree_and_runs_are_ordered_by_seed(tmp_path):
 
 
 def test_aggregation_helpers():
-    assert sweep.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
-    assert sweep.fmt([50.0, 52.0, 54.0]) == "52.0 ± 2.0" and sweep.fmt([50.0]) == "50.0 ± 0.0 (n=1)"
+    assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert report.fmt([50.0, 52.0, 54.0]) == "52.0 ± 2.0" and report.fmt([50.0]) == "50.0 ± 0.0 (n=1)"
 
     def r(seed, acc):
         return {"tags": {"seed": seed}, "summary": {"eval/accuracy": acc}}
 
-    assert sweep.paired_gain([r(0, 0.5), r(1, 0.7), r(2, 0.9)], [r(1, 0.6), r(0, 0.5)]) == pytest.approx(
+    assert report.paired_gain([r(0, 0.5), r(1, 0.7), r(2, 0.9)], [r(1, 0.6), r(0, 0.5)]) == pytest.approx(
         [0.0, 10.0]
     )
-    table = sweep.markdown_table(("a", "b"), [(1, 2)])
+    table = report.markdown_table(("a", "b"), [(1, 2)])
     assert table == "| a | b |\n|---|---|\n| 1 | 2 |\n"
 
 
@@ -164,10 +170,24 @@ def test_committed_tables_are_generated_from_the_committed_results(study, tmp_pa
     committed tables exactly (so no table was edited by hand or left stale)."""
     module = sweep.load_study(study)
     runs = module.runs("cpu")
-    missing = [r.id for r in runs if not sweep.result_path(sweep.DEFAULT_RESULTS, "cpu", r).exists()]
+    missing = [r.id for r in runs if not sweep.result_path(RESULTS, "cpu", r).exists()]
     assert not missing, f"runs without a committed result: {missing}"
-    module.aggregate(sweep.load_results(runs, "cpu"), tmp_path, "cpu")
+    module.aggregate(sweep.load_results(runs, "cpu", RESULTS), tmp_path, "cpu")
     tables = sorted(tmp_path.glob("*.md"))
     assert tables and list(tmp_path.glob("*.png"))
     for table in tables:
         assert table.read_text() == (study / table.name).read_text(), f"rerun the aggregation of {study.name}"
+
+
+def test_the_command_lists_a_study_from_the_repository_root(tmp_path):
+    """A fresh process: the study imports the ``experiments`` package with no ``sys.path`` edit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "wtjax.tools.sweep", "list", "experiments/fig8_width_vs_depth"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines and all(line.startswith("done  python -m wtjax.main --config=configs/") for line in lines)
+    assert all("--workdir=runs/studies/cpu/" in line for line in lines)

@@ -15,10 +15,8 @@ side by side on a quiet machine in ``step_times.md`` (``experiments/benchmarks/b
 
 from __future__ import annotations
 
-import scale as sc
-from report import figure, save, write
-
-from wtjax.tools.sweep import accuracy, fmt, markdown_table, mean_std
+from experiments import scale as sc
+from experiments.report import accuracy, figure, fmt, markdown_table, mean_std, save, write
 
 MODELS = (  # (model, variant or mask mode, optimiser recipe)
     (("resnet_like", "multi", "adam"), "weight-tied, multi-mask 0.5 (K = 8), Adam"),

@@ -9,10 +9,20 @@ training FLOPs (effective: masked weights cost nothing, as on sparse hardware).
 
 from __future__ import annotations
 
-import scale as sc
-from report import effective_train_flops, errorbar_panel, figure, save, series, write
-
-from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, paired_gain
+from experiments import scale as sc
+from experiments.report import (
+    accuracy,
+    effective_train_flops,
+    errorbar_panel,
+    figure,
+    fmt,
+    group,
+    markdown_table,
+    paired_gain,
+    save,
+    series,
+    write,
+)
 
 DEPTHS = (2, 4, 8)
 DENSITIES = (0.25, 0.5, 0.75)

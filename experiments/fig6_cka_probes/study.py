@@ -16,11 +16,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import scale as sc
-from report import write
 
+from experiments import scale as sc
+from experiments.report import fmt, markdown_table, write
 from wtjax.analysis import plots
-from wtjax.tools.sweep import fmt, markdown_table
 
 MODES = {"same": "same-mask", "multi": "multi-mask", "dense": "dense"}
 DENSITIES = (0.1, 0.5)  # 0.1: the paper's Figure 6; 0.5: the other studies' density

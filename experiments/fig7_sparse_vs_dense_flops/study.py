@@ -10,10 +10,20 @@ pattern with the same number of epochs") uses the epoch-factor-1 runs.
 
 from __future__ import annotations
 
-import scale as sc
-from report import effective_train_flops, errorbar_panel, figure, save, series, write
-
-from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, paired_gain
+from experiments import scale as sc
+from experiments.report import (
+    accuracy,
+    effective_train_flops,
+    errorbar_panel,
+    figure,
+    fmt,
+    group,
+    markdown_table,
+    paired_gain,
+    save,
+    series,
+    write,
+)
 
 DEPTH = 8
 WIDTH_FACTORS = {"cpu": (0.5, 1.0), "paper": (0.5, 1.0, 2.0)}

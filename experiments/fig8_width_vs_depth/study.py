@@ -6,10 +6,18 @@ including the paper's comparison of a 12-deep model with a 2-deep model twice as
 
 from __future__ import annotations
 
-import scale as sc
-from report import errorbar_panel, figure, save, series, write
-
-from wtjax.tools.sweep import accuracy, fmt, group, markdown_table
+from experiments import scale as sc
+from experiments.report import (
+    accuracy,
+    errorbar_panel,
+    figure,
+    fmt,
+    group,
+    markdown_table,
+    save,
+    series,
+    write,
+)
 
 WIDTH_FACTORS = (0.5, 1.0, 2.0)
 DEPTHS = (2, 4, 8, 12)

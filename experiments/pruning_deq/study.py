@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import scale as sc
-from report import figure, save, write
 
-from wtjax.tools.sweep import Run, accuracy, fmt, group, markdown_table
+from experiments import scale as sc
+from experiments.report import accuracy, figure, fmt, group, markdown_table, save, write
+from wtjax.tools.sweep import Run
 
 FC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 CONV_METHODS = ("random", "magnitude", "snip")

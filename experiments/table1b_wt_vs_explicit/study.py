@@ -11,10 +11,8 @@ CCT-7 rows are not run here (``configs/cifar_cct.py`` trains them; a CCT step co
 
 from __future__ import annotations
 
-import scale as sc
-from report import figure, save, write
-
-from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, mean_std
+from experiments import scale as sc
+from experiments.report import accuracy, figure, fmt, group, markdown_table, mean_std, save, write
 
 PAPER_SMALL_WIDTH_FACTOR = 44 / 16  # width 44 at the CPU scale's base width 16
 ROWS = (  # (model, form, mask mode, width factor): label

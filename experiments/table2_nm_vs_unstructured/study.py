@@ -7,10 +7,18 @@ also reports a "Large" width (2x here, at the paper scale only: 4x the CPU cost)
 
 from __future__ import annotations
 
-import scale as sc
-from report import figure, save, write
-
-from wtjax.tools.sweep import accuracy, fmt, group, markdown_table, mean_std, paired_gain
+from experiments import scale as sc
+from experiments.report import (
+    accuracy,
+    figure,
+    fmt,
+    group,
+    markdown_table,
+    mean_std,
+    paired_gain,
+    save,
+    write,
+)
 
 WIDTH_FACTORS = {"cpu": (1.0,), "paper": (1.0, 2.0)}
 KINDS = {"unstructured": "unstructured 0.5", "nm": "2:4"}

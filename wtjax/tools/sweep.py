@@ -9,17 +9,22 @@ A *study* is a folder holding ``study.py`` with two functions:
 * ``aggregate(results, out_dir, scale)``: turns the finished runs' results (dicts, see
   :func:`collect`) into a markdown table and plots in ``out_dir``.
 
-Commands (several studies may share runs: a run is identified by its ``id`` and done once)::
+Commands (several studies may share runs: a run is identified by its ``id`` and done once), run
+from the directory the runs' config paths are relative to (for this repository's studies, its
+root, which also makes the ``experiments`` package they import importable)::
 
-    python -m wtjax.tools.sweep list experiments/fig5_masks                 # runs and exact commands
-    python -m wtjax.tools.sweep run experiments/fig5_masks --shard=0/2      # half of the runs
-    python -m wtjax.tools.sweep aggregate experiments/fig5_masks            # table + plots
+    python -m wtjax.tools.sweep list experiments/fig5_multi_vs_same               # runs and exact commands
+    python -m wtjax.tools.sweep run experiments/fig5_multi_vs_same --shard=0/2    # half of the runs
+    python -m wtjax.tools.sweep aggregate experiments/fig5_multi_vs_same          # table + plots
 
-Each run trains in its own workdir ``<root>/<scale>/<id>`` with :func:`wtjax.job.train.train_and_evaluate`,
-so an interrupted run resumes from its last checkpoint and a finished one (``summary.json`` in
-its workdir) is skipped. Its result (the run definition, the job's summary, the eval curve and
-the median step time) is then written to ``<results>/<scale>/<id>.json``; these small files are
-what gets committed and aggregated, the workdirs (checkpoints) stay local.
+Each run trains in its own workdir ``<root>/<scale>/<id>`` (``--root``, default ``./runs/studies``)
+with :func:`wtjax.job.train.train_and_evaluate`, so an interrupted run resumes from its last
+checkpoint and a finished one (``summary.json`` in its workdir) is skipped. Its result (the run
+definition, the job's summary, the eval curve and the median step time) is then written to
+``<results>/<scale>/<id>.json`` (``--results``, default ``./experiments/results``); these small
+files are what gets committed and aggregated, the workdirs (checkpoints) stay local. The
+functions take both directories explicitly; only the command has defaults, relative to the
+current directory.
 """
 
 from __future__ import annotations
@@ -32,16 +37,15 @@ import os
 import shlex
 import socket
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = REPO / "experiments" / "results"
-DEFAULT_ROOT = REPO / "runs" / "studies"
+# The command's defaults, relative to the current directory (the repository root for its studies).
+CLI_ROOT = "runs/studies"
+CLI_RESULTS = "experiments/results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,8 @@ class Run:
 
     Attributes:
       id: unique name; also the workdir and result file name. Runs with equal ids must be equal.
-      config: config file path, relative to the repository root.
+      config: config file path; a relative one is relative to the current directory, as in the
+        equivalent shell command (this repository's studies name ``configs/...`` from its root).
       arg: the config argument (``k=v,k=v``; see each config's ARGS).
       overrides: ``{'data.train_subset': 10000, ...}``: dotted config paths and values.
       tags: free-form labels the aggregator groups by (e.g. ``{'mode': 'multi', 'depth': 8}``).
@@ -85,7 +90,7 @@ def load_config(run: Run):
     """
     from wtjax.job import config as config_schema
 
-    config = config_schema.load_config_file(REPO / run.config, run.arg)
+    config = config_schema.load_config_file(run.config, run.arg)
     config.lock()  # an override of an unknown field fails instead of adding it
     for dotted, value in run.overrides.items():
         *parents, leaf = dotted.split(".")
@@ -99,7 +104,11 @@ def load_config(run: Run):
 
 
 def load_study(study_dir: str | Path):
-    """Imports ``<study_dir>/study.py`` as a module."""
+    """Imports ``<study_dir>/study.py`` as a module.
+
+    The study imports what it shares with other studies as ordinary modules (this repository's
+    studies import the ``experiments`` package, importable from the repository root).
+    """
     path = Path(study_dir) / "study.py"
     if not path.is_file():
         raise FileNotFoundError(
@@ -107,11 +116,7 @@ def load_study(study_dir: str | Path):
         )
     spec = importlib.util.spec_from_file_location(f"_wtjax_study_{path.parent.name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.parent))  # studies may import shared helpers next to them
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent.parent))
+    spec.loader.exec_module(module)
     return module
 
 
@@ -135,6 +140,7 @@ def _definition(run: Run) -> tuple:
 
 
 def result_path(results_dir: str | Path, scale: str, run: Run) -> Path:
+    """Where the result of ``run`` at ``scale`` is written."""
     return Path(results_dir) / scale / f"{run.id}.json"
 
 
@@ -164,13 +170,15 @@ def execute(
     runs: Sequence[Run],
     *,
     scale: str,
-    root: str | Path = DEFAULT_ROOT,
-    results_dir: str | Path = DEFAULT_RESULTS,
+    root: str | Path,
+    results_dir: str | Path,
     shard: tuple[int, int] = (0, 1),
     limit: int | None = None,
     train_fn: Callable | None = None,
 ) -> list[str]:
     """Trains every unfinished run of this shard in turn; returns the ids run now.
+
+    Each run trains in ``<root>/<scale>/<id>`` and its result goes to ``<results_dir>/<scale>/<id>.json``.
 
     A run is finished when its result file exists. A run whose workdir has ``summary.json`` but
     no result file (killed between the two) is only collected, not retrained. A run that raises
@@ -255,7 +263,7 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
-def load_results(runs: Sequence[Run], scale: str, results_dir: str | Path = DEFAULT_RESULTS) -> list[dict]:
+def load_results(runs: Sequence[Run], scale: str, results_dir: str | Path) -> list[dict]:
     """The results of the finished ``runs`` (missing ones are left out, and counted on stdout).
 
     Each result carries the tags of the given run: a run shared by several studies is tagged by
@@ -270,54 +278,15 @@ def load_results(runs: Sequence[Run], scale: str, results_dir: str | Path = DEFA
     return out
 
 
-# ---------------------------------------------------------------------------- aggregation helpers
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (0 for one value) and count."""
-    values = [float(v) for v in values]
-    if not values:
-        return float("nan"), float("nan"), 0
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), std, len(values)
-
-
-def group(results: Iterable[dict], *keys: str) -> dict[tuple, list[dict]]:
-    """Results grouped by the given tag names (seeds end up in the same group)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault(tuple(r["tags"].get(k) for k in keys), []).append(r)
-    return groups
-
-
-def accuracy(r: dict) -> float:
-    """Final eval accuracy, in percent."""
-    return 100.0 * r["summary"]["eval/accuracy"]
-
-
-def paired_gain(a: Iterable[dict], b: Iterable[dict]) -> list[float]:
-    """Accuracy of ``a`` minus ``b``, paired by seed (seeds present in both only)."""
-    by_seed = {r["tags"]["seed"]: accuracy(r) for r in b}
-    return [accuracy(r) - by_seed[r["tags"]["seed"]] for r in a if r["tags"]["seed"] in by_seed]
-
-
-def fmt(values: Sequence[float], digits: int = 1) -> str:
-    """``mean ± std (n)`` for a table cell; empty when there are no values."""
-    m, s, n = mean_std(values)
-    return "" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}" + ("" if n >= 3 else f" (n={n})")
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m wtjax.tools.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("list", "run", "aggregate"))
     ap.add_argument("studies", nargs="+", help="study folders (each with study.py)")
     ap.add_argument("--scale", default="cpu", help="the studies' setting: cpu (default) or paper")
-    ap.add_argument("--root", default=str(DEFAULT_ROOT), help="parent of the run workdirs")
-    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="parent of the result files")
+    ap.add_argument("--root", default=CLI_ROOT, help=f"parent of the run workdirs (default ./{CLI_ROOT})")
+    ap.add_argument(
+        "--results", default=CLI_RESULTS, help=f"parent of the result files (default ./{CLI_RESULTS})"
+    )
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     ap.add_argument("--limit", type=int, default=None, help="at most this many new runs")
     args = ap.parse_args(argv)

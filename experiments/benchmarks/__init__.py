@@ -1,0 +1,1 @@
+"""Step-time benchmarks, the chips' peak table and the accelerator compile matrix."""

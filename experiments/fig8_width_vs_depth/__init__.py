@@ -1,0 +1,1 @@
+"""Figure 8: width vs weight-tied depth."""

@@ -1,0 +1,1 @@
+"""The Colab notebooks' generator (build.py)."""

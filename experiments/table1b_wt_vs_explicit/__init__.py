@@ -1,0 +1,1 @@
+"""Table 1b: weight-tied vs not-tied and ResNet-20."""

@@ -1,0 +1,1 @@
+"""Table 2: 2:4 vs unstructured masks."""
