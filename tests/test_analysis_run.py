@@ -1,19 +1,21 @@
 """The analysis command runs on checkpoints of the training job and writes its plots and numbers."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
-from train_utils import load_config
+from train_utils import ROOT, load_config, subprocess_env
 
-from wtjax.analysis import run
 from wtjax.job.train import train_and_evaluate
+from wtjax.tools import analyse
 
 
 def test_analysis_on_a_trained_checkpoint(tmp_path):
     config = load_config("tiny", "steps=4")
     config.data.num_eval = 40
     train_and_evaluate(config, tmp_path / "multi")
-    results = run.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
+    results = analyse.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
     res = results["multi"]
     assert res["layers"] == ["stem", "1", "2", "pool"] and res["examples"] == 40
     cka = np.asarray(res["cka"])
@@ -23,3 +25,12 @@ def test_analysis_on_a_trained_checkpoint(tmp_path):
     for name in ("multi_cka.png", "multi_cka.npy", "probes.png", "analysis.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert json.loads((tmp_path / "out" / "analysis.json").read_text())["multi"]["checkpoint_step"] == 4
+    # The command: same numbers from a fresh process (its flags are defined only when it runs).
+    cmd = [sys.executable, "-m", "wtjax.tools.analyse", f"--workdir={tmp_path / 'multi'}"]
+    cmd += [f"--out={tmp_path / 'cli'}", "--num_examples=40", "--cka_batch=0"]
+    env = subprocess_env(JAX_NUM_CPU_DEVICES=4)  # the checkpoint's topology (conftest's 4 CPU devices)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = json.loads((tmp_path / "cli" / "analysis.json").read_text())["multi"]
+    np.testing.assert_allclose(cli["cka"], res["cka"], atol=1e-6)
+    assert cli["probe_accuracy"] == res["probe_accuracy"]

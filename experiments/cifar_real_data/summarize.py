@@ -1,6 +1,6 @@
 """Curves and a results table from the training job's metrics.jsonl of several runs.
 
-    python experiments/cifar_real_data/summarize.py --run multi=/tmp/cifar_real/multi \
+    python -m experiments.cifar_real_data.summarize --run multi=/tmp/cifar_real/multi \
         --run dense=/tmp/cifar_real/dense --out experiments/cifar_real_data
 """
 
@@ -8,12 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from wtjax.job.metrics import read_jsonl  # noqa: E402
+from wtjax.job.metrics import read_jsonl
 
 
 def main():
@@ -22,7 +19,8 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     rows = [
         "| run | steps | epochs | train loss (last log) | eval acc. | eval examples | params | wall |",
         "|---|---|---|---|---|---|---|---|",

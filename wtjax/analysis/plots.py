@@ -1,14 +1,15 @@
-"""PNG plots of the analysis results (matplotlib, headless)."""
+"""PNG plots of the analysis results (matplotlib, headless).
+
+Figures are :class:`matplotlib.figure.Figure` objects saved directly, without pyplot: no display is
+needed and the caller's matplotlib backend is left as it is (importing this module changes nothing).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def cka_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str, title: str = "Linear CKA") -> None:
@@ -19,7 +20,8 @@ def cka_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str, title: str
 def cka_heatmaps(matrices: dict[str, np.ndarray], labels: Sequence[str], path: str) -> None:
     """CKA heatmaps side by side on one colour scale [0, 1], one panel per ``{title: matrix}``."""
     n, size = len(matrices), 0.45 * len(labels)
-    fig, axes = plt.subplots(1, n, figsize=(n * (1.6 + size), 0.8 + size), squeeze=False)
+    fig = Figure(figsize=(n * (1.6 + size), 0.8 + size))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (title, matrix) in zip(axes[0], matrices.items(), strict=True):
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
         ax.set_xticks(range(len(labels)), labels, rotation=90)
@@ -28,7 +30,6 @@ def cka_heatmaps(matrices: dict[str, np.ndarray], labels: Sequence[str], path: s
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def probe_curve(
@@ -39,7 +40,8 @@ def probe_curve(
 ) -> None:
     """Probe accuracy versus layer, one line per model (the paper's Figure 6, bottom); ``errors``
     (e.g. the std over seeds) draws error bars."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for name, accuracies in curves.items():
         yerr = None if errors is None else errors.get(name)
         ax.errorbar(range(len(accuracies)), accuracies, yerr=yerr, marker="o", capsize=3, label=name)
@@ -49,4 +51,3 @@ def probe_curve(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -13,6 +13,11 @@ reuse of each tied block (``block_outputs``) and the pooled features. It writes,
 * ``probes.png``: linear-probe accuracy per layer for every run: a logistic regression fitted on
   the first half of the examples' pooled layer outputs and scored on the second half;
 * ``analysis.json``: all numbers, with the split they came from.
+
+The functions (:func:`load_run`, :func:`layer_features`, :func:`analyse_run`, :func:`analyse`)
+are the library side: they read a training job's workdir (its config, model registry and
+checkpoints), so they sit above the job layer, next to the command. The command's flags are
+defined only when it runs (:func:`main`), so this module imports alongside ``wtjax.main``.
 """
 
 from __future__ import annotations
@@ -27,12 +32,6 @@ from absl import app, flags
 from ml_collections import config_dict
 
 from wtjax.analysis import cka, plots, probes
-
-FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("workdir", None, "Run directory of the training job (repeatable).", required=True)
-flags.DEFINE_string("out", "analysis", "Where to write the plots and analysis.json.")
-flags.DEFINE_integer("num_examples", 1000, "Eval examples to analyse (half fit the probes).")
-flags.DEFINE_integer("cka_batch", 250, "Minibatch size of the unbiased CKA estimator (0: biased, all).")
 
 
 def load_run(workdir: str | Path):
@@ -139,10 +138,26 @@ def analyse(workdirs, out_dir, num_examples=1000, cka_batch=250) -> dict:
     return results
 
 
-def main(argv):
-    del argv
-    analyse(FLAGS.workdir, FLAGS.out, FLAGS.num_examples, FLAGS.cka_batch)
+def main() -> None:
+    """The command (``python -m wtjax.tools.analyse``): defines its flags, then runs :func:`analyse`."""
+    workdirs = flags.DEFINE_multi_string(
+        "workdir", None, "Run directory of the training job (repeatable).", required=True
+    )
+    out = flags.DEFINE_string("out", "analysis", "Where to write the plots and analysis.json.")
+    num_examples = flags.DEFINE_integer(
+        "num_examples", 1000, "Eval examples to analyse (half fit the probes)."
+    )
+    cka_batch = flags.DEFINE_integer(
+        "cka_batch", 250, "Minibatch size of the unbiased CKA estimator (0: biased, all)."
+    )
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        analyse(workdirs.value, out.value, num_examples.value, cka_batch.value)
+
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
