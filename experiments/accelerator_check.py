@@ -3,9 +3,9 @@ r"""Accelerator check: what the training job does on the accelerator this script
 Run it the day a TPU or GPU is lent; it takes a few minutes and needs nothing but this repository
 (the training run uses the bundled scikit-learn digits unless ``--cifar_dir`` is given):
 
-    python experiments/accelerator_check.py --out=accelerator_check.json
-    python experiments/accelerator_check.py --out=check.json --cifar_dir=/data/cifar10 --cifar_epochs=3
-    JAX_PLATFORMS=cpu python experiments/accelerator_check.py --small --out=/tmp/check.json  # smoke run
+    python -m experiments.accelerator_check --out=accelerator_check.json
+    python -m experiments.accelerator_check --out=check.json --cifar_dir=/data/cifar10 --cifar_epochs=3
+    JAX_PLATFORMS=cpu python -m experiments.accelerator_check --small --out=/tmp/check.json  # smoke run
 
 It measures, printing as it goes and rewriting the JSON after every section (a crash keeps what
 was measured; a failed section records its error and the others still run):
@@ -46,17 +46,15 @@ import time
 import traceback
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from experiments.benchmarks.chips import peak_for
+from wtjax.job import config as config_schema
+from wtjax.job import metrics, optim, parallel, steps
+from wtjax.tools import aot
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments.benchmarks.chips import peak_for  # noqa: E402
-from wtjax.job import config as config_schema  # noqa: E402
-from wtjax.job import metrics, optim, parallel, steps  # noqa: E402
-from wtjax.tools import aot  # noqa: E402
-
 CONFIGS = ROOT / "configs"
 NUM_CLASSES = 10
 GIB = 2**30

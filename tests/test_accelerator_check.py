@@ -1,8 +1,10 @@
-"""experiments/accelerator_check.py works on CPU (small shapes) before an accelerator is ever lent."""
+"""experiments/accelerator_check.py works on CPU (small shapes) before an accelerator is ever lent.
+
+Run as the check is documented: ``python -m experiments.accelerator_check`` from the repository root.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,14 +12,7 @@ import sys
 import pytest
 from train_utils import ROOT, subprocess_env
 
-SCRIPT = ROOT / "experiments" / "accelerator_check.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiments import accelerator_check
 
 
 @pytest.mark.parametrize(
@@ -37,7 +32,7 @@ def _module():
     ],
 )
 def test_peak_table(kind, peak):
-    found = _module().peak_for(kind)
+    found = accelerator_check.peak_for(kind)
     assert (found and found["peak_flops_per_device"]) == peak
     if found:
         assert found["peak_source"]
@@ -49,7 +44,14 @@ def test_small_run_on_cpu(tmp_path):
     # Two CPU devices exercise the data-parallel path (batch split, replicated state).
     env = subprocess_env(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=2)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--small", f"--out={out}", f"--workdir={tmp_path / 'runs'}"],
+        [
+            sys.executable,
+            "-m",
+            "experiments.accelerator_check",
+            "--small",
+            f"--out={out}",
+            f"--workdir={tmp_path / 'runs'}",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -4,9 +4,9 @@ Deviceless ahead-of-time compilation (:mod:`wtjax.tools.aot`) on a CPU machine, 
 ``accelerators.json`` (one entry per compile, so an interrupted run resumes) and rendered to
 ``accelerators.md`` beside this file:
 
-    python experiments/benchmarks/aot_matrix.py                      # everything (about an hour on 2 cores)
-    python experiments/benchmarks/aot_matrix.py --sections=depth     # depth-memory modes only
-    python experiments/benchmarks/aot_matrix.py --render              # table from the JSON only
+    python -m experiments.benchmarks.aot_matrix                      # everything (about an hour on 2 cores)
+    python -m experiments.benchmarks.aot_matrix --sections=depth     # depth-memory modes only
+    python -m experiments.benchmarks.aot_matrix --render             # table from the JSON only
 
 Sections: ``families`` (each family at its paper shape and batch, float32 and bfloat16, on a
 TPU v5e-8 slice and 8 x H100), ``compile`` (compile time at K=4 and K=32 on the TPU target),
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from experiments.benchmarks import chips
+from wtjax.job import config as config_schema
+from wtjax.job.config import load_config_file
+from wtjax.tools import aot
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from experiments.benchmarks import chips  # noqa: E402
-from wtjax.job import config as config_schema  # noqa: E402
-from wtjax.job.config import load_config_file  # noqa: E402
-from wtjax.tools import aot  # noqa: E402
 
 JSON, MARKDOWN = HERE / "accelerators.json", HERE / "accelerators.md"
 H100_TARGET = HERE / "targets" / "h100_sxm.pbtxt"
