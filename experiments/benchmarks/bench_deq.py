@@ -12,8 +12,8 @@ Measures, for the ResNet-like block (width C, batch B, S x S images), one jitted
    the weight-tied model and the weight-tied model with ``remat_policy='nothing_saveable'`` as K
    grows.
 
-    python experiments/benchmarks/bench_deq.py --quick            # smoke run, ~minutes on a CPU
-    python experiments/benchmarks/bench_deq.py --width=64 --batch=64 --size=32 --depth=8 \
+    python -m experiments.benchmarks.bench_deq --quick            # smoke run, ~minutes on a CPU
+    python -m experiments.benchmarks.bench_deq --width=64 --batch=64 --size=32 --depth=8 \
         --f_iters=18 --b_iters=20 --ks=4,8,16,32 --reps=5 --out=/tmp/deq_full.md
 
 Prints a markdown report (and writes it with ``--out``). Times are the minimum and median over

@@ -17,8 +17,8 @@ It then reports the ratios against the targets: multi-mask step <= 1.05x dense t
 slower than unrolled; scan compile at the largest K <= 1.5x the smallest K; achieved FLOP/s >=
 0.35 of the matmul's. ``--mask-cost`` also times mask generation alone (one reuse's masks).
 
-    python experiments/benchmarks/bench_tied.py --quick                  # smoke run, ~1-2 min
-    python experiments/benchmarks/bench_tied.py --out=experiments/benchmarks/tied.md
+    python -m experiments.benchmarks.bench_tied --quick                  # smoke run, ~1-2 min
+    python -m experiments.benchmarks.bench_tied --out=experiments/benchmarks/tied.md
     # (defaults: --width=64 --depth=8 --batch=128 --size=32 --steps=5 --compile-depths=4,8,16,32)
 
 Prints a markdown report (and writes it with ``--out``) and, with ``--json``, the raw numbers.

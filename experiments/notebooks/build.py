@@ -4,7 +4,7 @@ The notebooks are generated, not hand-edited, so their diffs stay readable and t
 without outputs. Every notebook reads ``WTJAX_NOTEBOOK_SMOKE=1`` (set by tests/test_notebooks.py)
 to shrink itself to a CPU run of seconds; otherwise it runs at the size its title says.
 
-    python experiments/notebooks/build.py
+    python -m experiments.notebooks.build
 """
 
 from __future__ import annotations
