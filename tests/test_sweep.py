@@ -24,6 +24,11 @@ STUDIES = sorted(p.parent for p in (ROOT / "experiments").glob("*/study.py"))
 RESULTS = ROOT / "experiments" / "results"  # the committed results of the CPU scale
 
 
+@pytest.fixture(autouse=True)
+def _from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # runs name their configs relative to the current directory
+
+
 def tiny(rid="a", seed=0, **overrides):
     return Run(rid, "configs/tiny.py", f"steps=3,seed={seed}", overrides, {"seed": seed})
 
