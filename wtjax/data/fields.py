@@ -43,6 +43,7 @@ class Field:
     kind: type | None = None
 
     def config_value(self):
+        """The value this field starts with in a new ``config.data``."""
         return config_dict.placeholder(self.kind) if self.default is None else self.default
 
 
