@@ -23,11 +23,9 @@ ARGS = dict(
     embed_dim=256,  # transformer width (CCT-7/3x1: 256; the paper's "small": 128)
     num_heads=4,  # attention heads
     depth=7,  # encoder layers (reuses of the tied layer)
-    form="tied",  # not_tied | tied | shared
     share_rate=1,  # form=shared: layers per distinct weight set (must divide depth)
-    mask_mode="multi",  # dense | same | multi | dropout
-    density=0.9,  # fraction of each tied kernel kept (attention and MLP kernels)
-    mask_kind="unstructured",  # unstructured | nm (2:4)
+    # form (not_tied | tied | shared), mask_mode, density of the attention and MLP kernels, mask_kind
+    **cs.tied_args(density=0.9),
     epochs=300.0,  # training epochs
     seed=0,  # run seed (init, dropout, data order); masks use model.mask.seed
 )
@@ -35,15 +33,8 @@ ARGS = dict(
 
 def get_config(arg=None):
     a = cs.parse_arg(arg, **ARGS)
-    model = cs.model_config(
-        "cct",
-        embed_dim=a.embed_dim,
-        num_heads=a.num_heads,
-        depth=a.depth,
-        form=a.form,
-        share_rate=a.share_rate,
-        mask_mode=a.mask_mode,
-        mask=dict(kind=a.mask_kind, density=a.density),
+    model = cs.tied_model_config(
+        "cct", a, embed_dim=a.embed_dim, num_heads=a.num_heads, depth=a.depth, share_rate=a.share_rate
     )
     data = cs.data_config("cifar10", augment=True)  # mean/std None: the CIFAR statistics
     optim = cs.optim_config("adamw", 6e-4, schedule="cosine", warmup_epochs=10.0, weight_decay=0.06)
@@ -55,6 +46,4 @@ def get_config(arg=None):
         optim=optim,
         batch_size=128,
         num_epochs=a.epochs,
-        log_every_steps=50,
-        checkpoint_every_steps=1000,
     )

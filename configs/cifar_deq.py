@@ -70,6 +70,4 @@ def get_config(arg=None):
         optim=optim,
         batch_size=batch_size,
         num_epochs=a.epochs,
-        log_every_steps=50,
-        checkpoint_every_steps=1000,
     )

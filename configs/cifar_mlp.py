@@ -11,10 +11,7 @@ from wtjax.job import config as cs
 ARGS = dict(
     size="small",  # small (width 256) | large (512)
     depth=8,  # reuses K of the tied block
-    form="tied",  # tied | not_tied
-    mask_mode="multi",  # dense | same | multi | dropout
-    density=0.5,  # fraction of each tied kernel kept
-    mask_kind="unstructured",  # unstructured | nm (2:4)
+    **cs.tied_args(),  # form (tied | not_tied), mask_mode, density 0.5, mask_kind
     epochs=150.0,  # training epochs
     seed=0,  # run seed
 )
@@ -22,20 +19,11 @@ ARGS = dict(
 
 def get_config(arg=None):
     a = cs.parse_arg(arg, **ARGS)
-    model = cs.model_config(
-        "mlp",
-        size=a.size,
-        depth=a.depth,
-        form=a.form,
-        mask_mode=a.mask_mode,
-        mask=dict(kind=a.mask_kind, density=a.density),
-    )
+    model = cs.tied_model_config("mlp", a, size=a.size, depth=a.depth)
     return cs.base_config(
         name=f"cifar_mlp_{a.size}_{a.form}_{a.mask_mode}_d{a.density}_k{a.depth}_s{a.seed}",
         seed=a.seed,
         model=model,
-        data=cs.data_config("cifar10", augment=True),
-        optim=cs.optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6),
-        batch_size=128,
         num_epochs=a.epochs,
+        **cs.paper_cifar_recipe(),
     )

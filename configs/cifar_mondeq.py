@@ -3,20 +3,16 @@ r"""Single-convolution monotone DEQ on CIFAR-10, optionally pruned at initialisa
 
     python -m wtjax.main --config=configs/cifar_mondeq.py --workdir=runs/cifar_mondeq
     python -m wtjax.main --config=configs/cifar_mondeq.py:method=snip,sparsity=0.9
-    # the class-folder copy of ../shared/data (see its README), extracted to /tmp:
+    # a local class-folder copy (README.md, "Data"), extracted to /tmp:
     python -m wtjax.main --config=configs/cifar_mondeq.py --config.data.data_dir=/tmp/cifar10
 """
 
-import importlib.util
 from pathlib import Path
 
 from wtjax.job import config as cs
 
-# Config files are loaded by path (not as a package): load the sibling digits config the same way.
-_spec = importlib.util.spec_from_file_location("digits_mondeq", Path(__file__).with_name("digits_mondeq.py"))
-_digits = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_digits)
-model_and_pruning = _digits.model_and_pruning
+# Config files are loaded by path (not as a package): the sibling digits config too.
+model_and_pruning = cs.load_config_module(Path(__file__).with_name("digits_mondeq.py")).model_and_pruning
 
 ARGS = dict(
     arch="conv",  # conv (the paper's CIFAR model) | fc

@@ -20,10 +20,7 @@ from wtjax.job import config as cs
 ARGS = dict(
     width=64,  # channels C of the stem and the tied block
     depth=8,  # reuses K of the tied block
-    form="tied",  # tied | not_tied
-    mask_mode="multi",  # dense | same | multi | dropout
-    density=0.5,  # fraction of each tied kernel kept (unstructured masks)
-    mask_kind="unstructured",  # unstructured | nm (2:4)
+    **cs.tied_args(),  # form (tied | not_tied), mask_mode, density 0.5, mask_kind
     epochs=150.0,  # training epochs
     seed=0,  # run seed (init, dropout, data order); masks use model.mask.seed
 )
@@ -31,24 +28,11 @@ ARGS = dict(
 
 def get_config(arg=None):
     a = cs.parse_arg(arg, **ARGS)
-    model = cs.model_config(
-        "resnet_like",
-        width=a.width,
-        depth=a.depth,
-        form=a.form,
-        mask_mode=a.mask_mode,
-        mask=dict(kind=a.mask_kind, density=a.density),
-    )
-    data = cs.data_config("cifar10", augment=True)  # mean/std None: the CIFAR statistics
-    optim = cs.optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6)
+    model = cs.tied_model_config("resnet_like", a, width=a.width, depth=a.depth)
     return cs.base_config(
         name=f"cifar_resnet_{a.form}_{a.mask_mode}_d{a.density}_k{a.depth}_w{a.width}_s{a.seed}",
         seed=a.seed,
         model=model,
-        data=data,
-        optim=optim,
-        batch_size=128,
         num_epochs=a.epochs,
-        log_every_steps=50,
-        checkpoint_every_steps=1000,
+        **cs.paper_cifar_recipe(),
     )

@@ -16,10 +16,7 @@ from wtjax.job import config as cs
 ARGS = dict(
     width=168,  # channels C ("large" in the resnet_like docstring)
     depth=8,  # reuses K
-    form="tied",  # tied | not_tied
-    mask_mode="multi",  # dense | same | multi | dropout
-    density=0.5,  # fraction of each tied kernel kept
-    mask_kind="unstructured",  # unstructured | nm (2:4)
+    **cs.tied_args(),  # form (tied | not_tied), mask_mode, density 0.5, mask_kind
     epochs=90.0,  # training epochs
     seed=0,  # run seed
 )
@@ -27,14 +24,7 @@ ARGS = dict(
 
 def get_config(arg=None):
     a = cs.parse_arg(arg, **ARGS)
-    model = cs.model_config(
-        "resnet_like",
-        width=a.width,
-        depth=a.depth,
-        form=a.form,
-        mask_mode=a.mask_mode,
-        mask=dict(kind=a.mask_kind, density=a.density),
-    )
+    model = cs.tied_model_config("resnet_like", a, width=a.width, depth=a.depth)
     optim = cs.optim_config(
         "sgd", 0.05, schedule="multistep", boundaries_epochs=(30, 60, 80), decay_factor=0.1, weight_decay=1e-4
     )

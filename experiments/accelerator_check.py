@@ -214,7 +214,7 @@ def initial_state(config, mesh, image_shape):
     key = (json.dumps([model_config, config.optim.to_dict()], sort_keys=True, default=str), config.seed)
     key += (tuple(image_shape), mesh)
     if key not in _INITS:
-        model = config_schema.build_model(model_config, NUM_CLASSES)
+        model = config_schema.model_from_config(model_config, NUM_CLASSES)
         tx, _ = optim.create_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
         init = steps.make_init_state(model, tx, tuple(image_shape), jax.random.PRNGKey(config.seed))
         _INITS[key] = jax.jit(init, out_shardings=parallel.replicated(mesh))

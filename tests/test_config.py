@@ -22,7 +22,7 @@ NUM_CLASSES = {"imagenet32_resnet": 1000}
 def test_every_config_loads_validates_and_builds_its_model(name):
     config = load_config(name)
     cs.validate(config)
-    model = cs.build_model(config.model, NUM_CLASSES.get(name, 10))
+    model = cs.model_from_config(config.model, NUM_CLASSES.get(name, 10))
     shape = tuple(config.data.image_shape) if config.data.name == "synthetic" else (32, 32, 3)
     if config.data.name == "digits":
         shape = (16, 16, 1)
@@ -65,7 +65,7 @@ def test_config_argument_sets_typed_fields_and_rejects_unknown_keys():
     c = load_config("cifar_resnet", "mask_mode=same,density=0.3,depth=4,width=32")
     assert (c.model.mask_mode, c.model.mask.density, c.model.depth, c.model.width) == ("same", 0.3, 4, 32)
     assert isinstance(c.model.depth, int) and isinstance(c.model.mask.density, float)
-    assert cs.build_model(c.model, 10).mask == MaskSpec(density=0.3)
+    assert cs.model_from_config(c.model, 10).mask == MaskSpec(density=0.3)
     with pytest.raises(KeyError, match="'widht'"):
         load_config("cifar_resnet", "widht=32")
     with pytest.raises(ValueError, match="depth"):
@@ -130,6 +130,35 @@ def test_validate_names_unknown_keys_and_model_fields():
     c = load_config("tiny", **{"model.mask.density": 1.5})
     with pytest.raises(ValueError, match="density"):
         cs.validate(c)
+    c = load_config("tiny")
+    with c.unlocked():
+        del c.data["download"]
+    with pytest.raises(KeyError, match="missing field.*'download'"):
+        cs.validate(c)
+
+
+def test_shared_config_builders_match_the_fields_they_replace():
+    a = cs.parse_arg("form=not_tied,mask_mode=same,density=0.3,mask_kind=nm", **cs.tied_args())
+    shared = cs.tied_model_config("resnet_like", a, width=16)
+    spelled_out = cs.model_config(
+        "resnet_like", width=16, form="not_tied", mask_mode="same", mask=dict(kind="nm", density=0.3)
+    )
+    assert shared.to_dict() == spelled_out.to_dict()
+    assert cs.tied_args(density=0.9)["density"] == 0.9
+    with pytest.raises(KeyError, match="densty"):
+        cs.tied_args(densty=0.9)
+    recipe = cs.paper_cifar_recipe()
+    assert recipe["data"].to_dict() == cs.data_config("cifar10", augment=True).to_dict()
+    assert (recipe["optim"].name, recipe["optim"].learning_rate, recipe["optim"].weight_decay) == (
+        "adam",
+        1e-3,
+        2.5e-6,
+    )
+    assert recipe["batch_size"] == 128
+    # One way to load a config file by path: the module (cifar_mondeq reuses digits_mondeq's
+    # builder through it) or its get_config(arg).
+    assert cs.load_config_module(CONFIGS / "digits_mondeq.py").ARGS["arch"] == "fc"
+    assert cs.load_config_file(CONFIGS / "cifar_mondeq.py", "width=9").model.channels == 9
 
 
 def test_model_config_covers_every_plain_field_with_class_defaults():
@@ -137,7 +166,7 @@ def test_model_config_covers_every_plain_field_with_class_defaults():
 
     m = cs.model_config("resnet_like")
     cls = MODELS["resnet_like"]
-    model = cs.build_model(m, 10)
+    model = cs.model_from_config(m, 10)
     assert model == cls(num_classes=10)
     assert "num_classes" not in m  # comes from the dataset
     assert set(m.mask.keys()) == set(cs.MASK_FIELDS)

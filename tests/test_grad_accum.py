@@ -51,12 +51,12 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_config):
-    return one_step(cs.build_model(tiny_config.model, 4), 1, 1, tiny_config)
+    return one_step(cs.model_from_config(tiny_config.model, 4), 1, 1, tiny_config)
 
 
 @pytest.mark.parametrize("accum,devices", [(2, 1), (2, 4), (4, 2)])
 def test_accumulated_step_equals_the_large_batch_step(accum, devices, tiny_config, tiny_reference):
-    model = cs.build_model(tiny_config.model, 4)
+    model = cs.model_from_config(tiny_config.model, 4)
     state, step_metrics = one_step(model, accum, devices, tiny_config)
     ref_state, ref_metrics = tiny_reference
     assert int(state["step"]) == 1

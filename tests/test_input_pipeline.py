@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wtjax.data import image_folder, tfds_source
+from wtjax.data import image_folder, loaders, tfds_source, vtab
 from wtjax.data.augment import Normalizer, crop_flip, sample_crop_flip
 from wtjax.data.dataset import make_dataset
-from wtjax.data.pipeline import CIFAR_COPY_STATS, create_dataset
+from wtjax.data.fields import DATA_DIR_ENV, data_config, resolve_data_dir
+from wtjax.data.loaders import CIFAR_COPY_STATS
+from wtjax.data.pipeline import create_dataset
 from wtjax.data.sources import ArraySource, DataError, Downsampled
+
+
+def data(name, **fields):
+    """A complete ``config.data`` as a dict; augmentation off unless asked for."""
+    return dict(data_config(name, **{"augment": False, **fields}))
 
 
 def take(it, n):
@@ -72,7 +79,7 @@ def test_normalizer_is_affine_and_invertible():
 
 # ----------------------------------------------------------------------------- determinism
 def test_training_batches_are_deterministic_and_resumable():
-    cfg = {"name": "synthetic", "num_train": 40, "image_shape": (8, 8, 3), "augment": True}
+    cfg = data("synthetic", num_train=40, image_shape=(8, 8, 3), augment=True)
     ds = create_dataset(cfg, seed=3)
     run = take(ds.train_batches(8), 12)  # 5 steps per epoch: crosses two epoch boundaries
     assert_batches_equal(run, take(create_dataset(cfg, seed=3).train_batches(8), 12))
@@ -97,7 +104,7 @@ def test_each_epoch_visits_distinct_examples_and_drops_remainder():
 
 
 def test_process_slices_concatenate_to_global_batch():
-    cfg = {"name": "synthetic", "num_train": 48, "num_eval": 21, "augment": True}
+    cfg = data("synthetic", num_train=48, num_eval=21, augment=True)
     whole = take(create_dataset(cfg, seed=5).train_batches(8), 8)
     parts = [
         take(create_dataset(cfg, seed=5, process_index=i, process_count=2).train_batches(8), 8)
@@ -158,13 +165,13 @@ def test_downsample_is_an_exact_average_pool_and_rejects_bad_factors():
     assert np.max(np.abs(got - want)) <= 0.5
     with pytest.raises(DataError, match="divisor"):
         Downsampled(ArraySource(images, np.arange(3)), 3)
-    ds = create_dataset({"name": "digits", "downsample": 2}, seed=0)
+    ds = create_dataset(data("digits", downsample=2), seed=0)
     assert ds.image_shape == (8, 8, 1) and ds.crop_padding == 1
     assert next(ds.train_batches(4))["image"].shape == (4, 8, 8, 1)
 
 
 def test_digits_shapes_normalisation_and_labels():
-    ds = create_dataset({"name": "digits", "augment": True}, seed=0)
+    ds = create_dataset(data("digits", augment=True), seed=0)
     assert (ds.name, ds.image_shape, ds.num_classes, ds.num_train, ds.num_eval) == (
         "digits",
         (16, 16, 1),
@@ -180,7 +187,7 @@ def test_digits_shapes_normalisation_and_labels():
 
 
 def test_synthetic_is_learnable_and_independent_of_run_seed():
-    cfg = {"name": "synthetic", "num_classes": 4, "image_shape": (6, 6, 2), "num_train": 200, "num_eval": 80}
+    cfg = data("synthetic", num_classes=4, image_shape=(6, 6, 2), num_train=200, num_eval=80)
     ds = create_dataset(cfg, seed=0)
     assert ds.image_shape == (6, 6, 2) and ds.num_classes == 4
     train = next(ds.train_batches(200))
@@ -198,7 +205,7 @@ def test_synthetic_is_learnable_and_independent_of_run_seed():
 def test_tfds_cifar10_under_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12):
-        ds = create_dataset({"name": "cifar10", "augment": False}, seed=0)
+        ds = create_dataset(data("cifar10", augment=False), seed=0)
         assert (ds.image_shape, ds.num_classes, ds.num_train, ds.num_eval) == ((32, 32, 3), 10, 12, 12)
         batch = next(ds.train_batches(4))
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -209,7 +216,7 @@ def test_tfds_cifar10_under_mock_data():
         assert raw.min() > -0.5 and raw.max() < 255.5
         ev = list(ds.eval_batches(5))
         assert [b["mask"].sum() for b in ev] == [5, 5, 2]
-        aug = next(create_dataset({"name": "cifar10", "augment": True}, seed=0).train_batches(4))
+        aug = next(create_dataset(data("cifar10", augment=True), seed=0).train_batches(4))
         assert aug["image"].shape == (4, 32, 32, 3)
 
 
@@ -237,7 +244,7 @@ def _write_binary(root, rng, n_per_file=3, n_test=5):
 def test_cifar_binary_directory_layout_and_pixels(tmp_path):
     d, labels, pixels = _write_binary(tmp_path, np.random.default_rng(0))
     for data_dir in (tmp_path, d):  # the parent folder or cifar-10-batches-bin itself
-        ds = create_dataset({"name": "cifar10", "data_dir": str(data_dir)}, seed=0)
+        ds = create_dataset(data("cifar10", data_dir=str(data_dir)), seed=0)
         assert (ds.num_train, ds.num_eval, ds.eval_split) == (15, 5, "test")
         ev = next(ds.eval_batches(5))
         np.testing.assert_array_equal(ev["label"], labels)
@@ -249,11 +256,11 @@ def test_cifar_binary_corrupt_or_incomplete_is_an_error(tmp_path):
     raw = (d / "data_batch_2.bin").read_bytes()
     (d / "data_batch_2.bin").write_bytes(raw[:-1])
     with pytest.raises(DataError, match=r"data_batch_2\.bin.*3073"):
-        create_dataset({"name": "cifar10", "data_dir": str(d)}, seed=0)
+        create_dataset(data("cifar10", data_dir=str(d)), seed=0)
     (d / "data_batch_2.bin").write_bytes(raw)
     os.remove(d / "data_batch_4.bin")
     with pytest.raises(DataError, match="data_batch_4"):
-        create_dataset({"name": "cifar10", "data_dir": str(d)}, seed=0)
+        create_dataset(data("cifar10", data_dir=str(d)), seed=0)
 
 
 def test_cifar_pickle_requires_opt_in(tmp_path):
@@ -265,8 +272,8 @@ def test_cifar_pickle_requires_opt_in(tmp_path):
         with open(d / name, "wb") as f:
             pickle.dump({b"data": pixels, b"labels": labels.tolist(), b"batch_label": b"x"}, f)
     with pytest.raises(DataError, match="allow_pickle=True"):
-        create_dataset({"name": "cifar10", "data_dir": str(tmp_path)}, seed=0)
-    ds = create_dataset({"name": "cifar10", "data_dir": str(tmp_path), "allow_pickle": True}, seed=0)
+        create_dataset(data("cifar10", data_dir=str(tmp_path)), seed=0)
+    ds = create_dataset(data("cifar10", data_dir=str(tmp_path), allow_pickle=True), seed=0)
     assert (ds.num_train, ds.num_eval) == (20, 4)
     ev = next(ds.eval_batches(4))
     np.testing.assert_array_equal(ev["label"], labels)
@@ -290,7 +297,7 @@ def test_image_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
     root, cache = tmp_path / "imgs", tmp_path / "cache"
     _write_folder(root / "train", ["cat", "ant", "bee"], 4, (8, 6, 3), rng)
     _write_folder(root / "test", ["cat", "ant", "bee"], 2, (8, 6, 3), rng)
-    cfg = {"name": "image_folder", "data_dir": str(root), "cache_dir": str(cache)}
+    cfg = data("image_folder", data_dir=str(root), cache_dir=str(cache))
     ds = create_dataset(cfg, seed=0)
     assert (ds.num_classes, ds.image_shape, ds.num_train, ds.num_eval) == (3, (8, 6, 3), 12, 6)
     ev = next(ds.eval_batches(6))
@@ -319,7 +326,7 @@ def test_cifar10_class_folder_copy_needs_holdout(tmp_path):
     rng = np.random.default_rng(4)
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _write_folder(tmp_path / "train", classes, 2, (32, 32, 3), rng, ext="jpg")
-    cfg = {"name": "cifar10", "data_dir": str(tmp_path), "cache_dir": ""}
+    cfg = data("cifar10", data_dir=str(tmp_path), cache_dir="")
     with pytest.raises(ValueError, match="holdout"):
         create_dataset(cfg, seed=0)
     ds = create_dataset({**cfg, "holdout": 4, "augment": True}, seed=0)
@@ -356,29 +363,29 @@ def test_image_folder_bad_trees_are_errors(tmp_path, problem):
         for c in "cdefghij":
             _write_folder(root, [c], 1, (8, 8, 3), rng)
     with pytest.raises(DataError, match=match):
-        create_dataset({"name": name, "data_dir": str(root), "cache_dir": "", "holdout": 1}, seed=0)
+        create_dataset(data(name, data_dir=str(root), cache_dir="", holdout=1), seed=0)
 
 
 # ----------------------------------------------------------------------------- errors
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset name 'mnist'.*cifar10"):
-        create_dataset({"name": "mnist"}, seed=0)
+        create_dataset(data("mnist"), seed=0)
     with pytest.raises(DataError, match="does not exist"):
-        create_dataset({"name": "cifar10", "data_dir": str(tmp_path / "nope")}, seed=0)
+        create_dataset(data("cifar10", data_dir=str(tmp_path / "nope")), seed=0)
     with pytest.raises(DataError, match="no CIFAR-10 copy found"):
-        create_dataset({"name": "cifar10", "data_dir": str(tmp_path)}, seed=0)
+        create_dataset(data("cifar10", data_dir=str(tmp_path)), seed=0)
     with pytest.raises(ValueError, match="data_dir"):
-        create_dataset({"name": "image_folder"}, seed=0)
+        create_dataset(data("image_folder"), seed=0)
     with pytest.raises(ValueError, match="channels"):
-        create_dataset({"name": "synthetic", "mean": (0.5,), "std": (0.2,)}, seed=0)
-    ds = create_dataset({"name": "synthetic", "num_train": 16}, seed=0)
+        create_dataset(data("synthetic", mean=(0.5,), std=(0.2,)), seed=0)
+    ds = create_dataset(data("synthetic", num_train=16), seed=0)
     with pytest.raises(ValueError, match="exceeds"):
         ds.train_batches(32)
 
 
 def test_unprepared_tfds_fails_fast_with_instructions(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
-    cfg = {"name": "imagenet32", "data_dir": str(tmp_path)}
+    cfg = data("imagenet32", data_dir=str(tmp_path))
     monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: False)
     with pytest.raises(DataError, match=r"tensorflow-datasets\[tensorflow\].*data_dir="):
         create_dataset(cfg, seed=0)
@@ -392,20 +399,7 @@ def test_unprepared_tfds_fails_fast_with_instructions(tmp_path, monkeypatch):
 
 
 def test_locked_configdict_with_placeholders_uses_defaults():
-    from ml_collections import config_dict
-
-    cfg = config_dict.ConfigDict(
-        {
-            "name": "synthetic",
-            "data_dir": config_dict.placeholder(str),
-            "mean": config_dict.placeholder(tuple),
-            "std": config_dict.placeholder(tuple),
-            "crop_padding": config_dict.placeholder(int),
-            "train_subset": config_dict.placeholder(int),
-            "num_train": 32,
-            "augment": True,
-        }
-    )
+    cfg = data_config("synthetic", num_train=32, augment=True)  # the job's locked ConfigDict
     cfg.lock()
     ds = create_dataset(cfg, seed=0)
     # crop_padding defaults to H / 8 (1 for 8x8 images).
@@ -414,6 +408,40 @@ def test_locked_configdict_with_placeholders_uses_defaults():
     ds.augment = False
     x = next(ds.train_batches(32))["image"]
     assert abs(x.mean()) < 0.05 and abs(x.std() - 1) < 0.05
+
+
+def test_data_config_must_be_complete_and_known():
+    """Loaders have no defaults of their own: a missing field is an error naming it."""
+    partial = data("synthetic")
+    del partial["augment"], partial["num_eval"]
+    with pytest.raises(KeyError, match=r"missing field\(s\) \['augment', 'num_eval'\]"):
+        create_dataset(partial, seed=0)
+    with pytest.raises(KeyError, match="unknown data field.*'augmnet'"):
+        create_dataset({**data("synthetic"), "augmnet": True}, seed=0)
+    with pytest.raises(KeyError, match="'augmnet'"):
+        data_config("synthetic", augmnet=True)
+    # The one set of defaults (README.md's table is checked against FIELDS in test_readme.py).
+    cfg = data_config("digits")
+    assert (cfg.augment, cfg.download, cfg.holdout, tuple(cfg.image_shape)) == (True, True, 0, (8, 8, 3))
+    assert cfg.data_dir is None and cfg.flip is None
+
+
+def test_loader_registry_names_and_vtab_dispatch():
+    assert list(loaders.LOADERS) == ["digits", "cifar10", "imagenet32", "image_folder", "synthetic", "vtab"]
+    assert loaders.loader_for("vtab/cifar100/val") is vtab.load_vtab
+    with pytest.raises(ValueError, match="VTAB data name"):
+        create_dataset(data("vtab/cifar100/test"), seed=0)
+
+
+def test_data_dir_comes_from_the_config_or_the_environment(tmp_path, monkeypatch):
+    d, labels, _ = _write_binary(tmp_path, np.random.default_rng(1))
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert resolve_data_dir(data("cifar10")) is None  # tfds' own default
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert resolve_data_dir(data("cifar10")) == str(tmp_path)
+    assert resolve_data_dir(data("cifar10", data_dir="~/x")) == os.path.expanduser("~/x")  # config wins
+    ds = create_dataset(data("cifar10"), seed=0)  # the binary release found through the environment
+    np.testing.assert_array_equal(next(ds.eval_batches(5))["label"], labels)
 
 
 def test_holdout_and_eval_subset_are_not_class_ordered():

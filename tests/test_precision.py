@@ -111,7 +111,7 @@ def test_dtype_is_a_config_field_of_every_family_and_is_validated():
     assert {name: cs.model_config(name).dtype for name in MODELS} == dict.fromkeys(MODELS, "float32")
     config = load_config("tiny", None, **{"model.dtype": "bfloat16"})  # --config.model.dtype=bfloat16
     cs.validate(config)
-    assert cs.build_model(config.model, 4).dtype == "bfloat16"
+    assert cs.model_from_config(config.model, 4).dtype == "bfloat16"
     config.model.dtype = "float16"
     with pytest.raises(ValueError, match="float16 would need loss scaling"):
         cs.validate(config)

@@ -276,7 +276,7 @@ def test_pruning_config_rejects_bad_setups():
         cs.pruning_config(methd="snip")
     config = load_config("tiny", "model=mlp,mask_mode=multi")
     config.pruning.update(method="snip", per_reuse=True)
-    model = cs.build_model(config.model, 4)
+    model = cs.model_from_config(config.model, 4)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     batch = {"image": jnp.zeros((2, 8, 8, 3)), "label": jnp.zeros(2, jnp.int32)}
     with pytest.raises(ValueError, match="stored"):

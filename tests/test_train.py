@@ -123,7 +123,7 @@ def test_jitted_step_traces_once_donates_its_state_and_learns():
     from wtjax.job import steps
 
     config = tiny("model=mlp")
-    model = cs.build_model(config.model, 4)
+    model = cs.model_from_config(config.model, 4)
     tx = optax.adam(1e-2)
     key = jax.random.PRNGKey(0)
     state = jax.jit(steps.make_init_state(model, tx, (8, 8, 3), key))()

@@ -81,3 +81,22 @@ def test_dataset_from_tfds_mock_data():
     assert ((0 <= batch["label"]) & (batch["label"] < 100)).all()
     evals = list(ds.eval_batches(4))
     assert sum(int(b["mask"].sum()) for b in evals) == 6
+
+
+def test_config_path_gives_the_same_batches_as_create_vtab_dataset(monkeypatch):
+    """``config.data.name = 'vtab/<task>'`` goes through the loader registry to the same dataset."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from wtjax.data.fields import data_config
+    from wtjax.data.pipeline import create_dataset
+
+    small = vtab.VtabTask("cifar100", "train[:12]", "train[12:16]", "test[:6]", 100)
+    monkeypatch.setitem(vtab.TASKS, "cifar100", small)
+    cfg = data_config("vtab/cifar100/val", image_shape=(16, 16, 3), augment=False, download=False)
+    with tfds.testing.mock_data(num_examples=20):
+        direct = vtab.create_vtab_dataset("cifar100", protocol="val", image_size=16, seed=1)
+        ds = create_dataset(cfg, seed=1)
+    assert (ds.num_train, ds.num_eval, ds.eval_split) == (12, 4, "train[12:16]")
+    a, b = next(ds.train_batches(4)), next(direct.train_batches(4))
+    np.testing.assert_array_equal(a["image"], b["image"])  # same order, ViT [-1, 1] statistics
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(next(ds.eval_batches(4))["image"], next(direct.eval_batches(4))["image"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,16 +15,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from wtjax.job.config import load_config_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
 def load_config(name: str, arg: str | None = None, **overrides):
     """``configs/<name>.py``'s ``get_config(arg)`` with dotted ``overrides`` (``'optim.name'``)."""
-    spec = importlib.util.spec_from_file_location(f"wtjax_test_config_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(CONFIGS / f"{name}.py", arg)
     for path, value in overrides.items():
         *parents, leaf = path.split(".")
         node = config

@@ -201,44 +201,13 @@ def make_dataset(
     Returns:
       The :class:`Dataset`.
     """
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-    if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-    if test is not None and test.image_shape != train.image_shape:
-        raise ValueError(f"{name}: train images are {train.image_shape} but test images {test.image_shape}")
-    n = len(train)
-    holdout = int(holdout or 0)
-    fixed = np.random.default_rng(HOLDOUT_SHUFFLE_SEED).permutation(n)
-    if holdout < 0 or holdout >= n:
-        raise ValueError(f"{name}: holdout must be in [0, {n}) (the training set size), got {holdout}")
-    if holdout:
-        train_index = fixed[: n - holdout]
-        # Kept in the shuffled order (not sorted): a prefix (eval_subset) must not be class-ordered.
-        eval_source, eval_index = train, fixed[n - holdout :]
-        eval_split = f"holdout: last {holdout} of train after shuffle(seed={HOLDOUT_SHUFFLE_SEED})"
-    elif test is not None:
-        train_index = fixed
-        eval_source, eval_index = test, np.arange(len(test))
-        eval_split = test_name
-    else:
-        raise ValueError(
-            f"{name}: this source has no test split; set holdout > 0 (e.g. --config.data.holdout=5000) "
-            "to evaluate on a held-out slice of the training images"
-        )
-    if train_subset is not None:
-        if not 0 < train_subset <= len(train_index):
-            raise ValueError(f"{name}: train_subset must be in [1, {len(train_index)}], got {train_subset}")
-        train_index = train_index[:train_subset]
-    if eval_subset is not None:
-        if not 0 < eval_subset <= len(eval_index):
-            raise ValueError(f"{name}: eval_subset must be in [1, {len(eval_index)}], got {eval_subset}")
-        # A fixed random subset: sources may be stored class by class, so a prefix could be one class.
-        pick = np.random.default_rng(HOLDOUT_SHUFFLE_SEED + 1).permutation(len(eval_index))[:eval_subset]
-        eval_index = eval_index[np.sort(pick)]
-        eval_split = f"{eval_split} (random {eval_subset}, fixed seed)"
+    _check_arguments(name, train, test, seed, process_index, process_count, crop_padding)
+    train_index, eval_source, eval_index, eval_split = _eval_split(
+        name, train, test, int(holdout or 0), test_name
+    )
+    train_index, eval_index, eval_split = _subsets(
+        name, train_index, eval_index, eval_split, train_subset, eval_subset
+    )
     return Dataset(
         name=name,
         num_classes=int(num_classes),
@@ -258,6 +227,51 @@ def make_dataset(
         crop_padding=int(crop_padding),
         flip=bool(flip),
     )
+
+
+def _check_arguments(name, train, test, seed, process_index, process_count, crop_padding) -> None:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    if test is not None and test.image_shape != train.image_shape:
+        raise ValueError(f"{name}: train images are {train.image_shape} but test images {test.image_shape}")
+
+
+def _eval_split(name: str, train: Source, test: Source | None, holdout: int, test_name: str):
+    """``(train_index, eval_source, eval_index, eval_split)``: a holdout slice of train, or the test split."""
+    n = len(train)
+    fixed = np.random.default_rng(HOLDOUT_SHUFFLE_SEED).permutation(n)
+    if holdout < 0 or holdout >= n:
+        raise ValueError(f"{name}: holdout must be in [0, {n}) (the training set size), got {holdout}")
+    if holdout:
+        # Kept in the shuffled order (not sorted): a prefix (eval_subset) must not be class-ordered.
+        split = f"holdout: last {holdout} of train after shuffle(seed={HOLDOUT_SHUFFLE_SEED})"
+        return fixed[: n - holdout], train, fixed[n - holdout :], split
+    if test is not None:
+        return fixed, test, np.arange(len(test)), test_name
+    raise ValueError(
+        f"{name}: this source has no test split; set holdout > 0 (e.g. --config.data.holdout=5000) "
+        "to evaluate on a held-out slice of the training images"
+    )
+
+
+def _subsets(name, train_index, eval_index, eval_split: str, train_subset, eval_subset):
+    """The first ``train_subset`` training rows and a fixed random ``eval_subset`` of the eval rows."""
+    if train_subset is not None:
+        if not 0 < train_subset <= len(train_index):
+            raise ValueError(f"{name}: train_subset must be in [1, {len(train_index)}], got {train_subset}")
+        train_index = train_index[:train_subset]
+    if eval_subset is not None:
+        if not 0 < eval_subset <= len(eval_index):
+            raise ValueError(f"{name}: eval_subset must be in [1, {len(eval_index)}], got {eval_subset}")
+        # A fixed random subset: sources may be stored class by class, so a prefix could be one class.
+        pick = np.random.default_rng(HOLDOUT_SHUFFLE_SEED + 1).permutation(len(eval_index))[:eval_subset]
+        eval_index = eval_index[np.sort(pick)]
+        eval_split = f"{eval_split} (random {eval_subset}, fixed seed)"
+    return train_index, eval_index, eval_split
 
 
 __all__ = ["Dataset", "epoch_permutation", "make_dataset"]

@@ -7,6 +7,7 @@ and lazily-decoding tfds data sources are interchangeable.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -27,6 +28,29 @@ class Source(Protocol):
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Returns ``(uint8 [n, H, W, C], int32 [n])`` for the given indices."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """What a dataset loader returns (:data:`wtjax.data.loaders.LOADERS`): its splits and defaults.
+
+    Attributes:
+      train, test: the training split and the official test split (None: the source has none,
+        so the config must set ``holdout``).
+      num_classes: labels are in ``[0, num_classes)``.
+      stats: ``(mean, std)`` per channel on the [0, 1] scale, used when ``mean``/``std`` are None.
+      description: where the data came from, for the log.
+      test_name: how to describe the test split (``validation`` for ImageNet).
+      flip: whether augmentation flips when the config's ``flip`` is None.
+    """
+
+    train: Source
+    test: Source | None
+    num_classes: int
+    stats: tuple[tuple[float, ...], tuple[float, ...]]
+    description: str
+    test_name: str = "test"
+    flip: bool = True
 
 
 class ArraySource:

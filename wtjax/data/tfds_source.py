@@ -21,10 +21,10 @@ TFDS_NAMES = {
 }
 
 LOCAL_COPY_HINT = (
-    "To use a local copy instead, point the job at it, e.g. "
-    "--config.data.data_dir=/path/to/cifar-10-batches-bin (official binary release) or "
-    "--config.data.data_dir=/path/to/images --config.data.holdout=5000 (class-folder tree "
-    "<dir>/<class>/*.jpg, e.g. ../shared/data/cifar10-train-jpeg.tar.xz unpacked)."
+    "To use a local copy instead, point the job at it with --config.data.data_dir (or the "
+    "WTJAX_DATA_DIR environment variable), e.g. --config.data.data_dir=/path/to/cifar-10-batches-bin "
+    "(official binary release) or --config.data.data_dir=/path/to/images --config.data.holdout=5000 "
+    "(class-folder tree <dir>/<class>/*.jpg)."
 )
 
 

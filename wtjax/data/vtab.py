@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from wtjax.data.dataset import Dataset, make_dataset
-from wtjax.data.sources import ArraySource, DataError
+from wtjax.data.fields import resolve_data_dir
+from wtjax.data.sources import ArraySource, DataError, Splits
 
 PROTOCOLS = ("final", "val")
 # The public ViT checkpoints expect pixels in [-1, 1]: (x - 0.5) / 0.5 on the [0, 1] scale.
@@ -271,6 +272,35 @@ def _open_records(task: VtabTask, splits: set[str], data_dir: str | None, downlo
         }
 
 
+def vtab_splits(
+    task: str | VtabTask,
+    *,
+    protocol: str = "final",
+    data_dir: str | None = None,
+    image_size: int = 224,
+    download: bool = False,
+    records: Mapping[str, Sequence] | None = None,
+) -> Splits:
+    """The train (decoded into memory) and eval (decoded lazily) splits of one VTAB-1k task.
+
+    Arguments as :func:`create_vtab_dataset`; the statistics are the ViT checkpoints' [-1, 1]
+    scaling, the test split is described by its split string.
+    """
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown VTAB task {task!r}; choose one of {sorted(TASKS)}")
+        name, task = task, TASKS[task]
+    else:
+        name = task.tfds_name
+    train_spec, eval_spec = task.splits(protocol)
+    if records is None:
+        needed = {s for spec in (train_spec, eval_spec) for s, _, _ in parse_split(spec)}
+        records = _open_records(task, needed, data_dir, download)
+    train = VtabSource(records, train_spec, task, image_size, f"vtab/{name} {train_spec}").materialize()
+    test = VtabSource(records, eval_spec, task, image_size, f"vtab/{name} {eval_spec}")
+    return Splits(train, test, task.num_classes, (VIT_MEAN, VIT_STD), f"vtab/{name}", eval_spec)
+
+
 def create_vtab_dataset(
     task: str | VtabTask,
     *,
@@ -286,7 +316,7 @@ def create_vtab_dataset(
     process_count: int = 1,
     records: Mapping[str, Sequence] | None = None,
 ) -> Dataset:
-    """The VTAB-1k :class:`~wtjax.data.dataset.Dataset` of one task.
+    """The VTAB-1k :class:`~wtjax.data.dataset.Dataset` of one task, without augmentation.
 
     Args:
       task: a key of :data:`TASKS` or a :class:`VtabTask`.
@@ -303,23 +333,14 @@ def create_vtab_dataset(
     Returns:
       A Dataset with the 1,000 (or 800) training images in memory and a lazily decoded eval split.
     """
-    if isinstance(task, str):
-        if task not in TASKS:
-            raise ValueError(f"unknown VTAB task {task!r}; choose one of {sorted(TASKS)}")
-        name, task = task, TASKS[task]
-    else:
-        name = task.tfds_name
-    train_spec, eval_spec = task.splits(protocol)
-    if records is None:
-        needed = {s for spec in (train_spec, eval_spec) for s, _, _ in parse_split(spec)}
-        records = _open_records(task, needed, data_dir, download)
-    train = VtabSource(records, train_spec, task, image_size, f"vtab/{name} {train_spec}").materialize()
-    test = VtabSource(records, eval_spec, task, image_size, f"vtab/{name} {eval_spec}")
+    splits = vtab_splits(
+        task, protocol=protocol, data_dir=data_dir, image_size=image_size, download=download, records=records
+    )
     return make_dataset(
-        f"vtab/{name}",
-        train=train,
-        test=test,
-        num_classes=task.num_classes,
+        splits.description,
+        train=splits.train,
+        test=splits.test,
+        num_classes=splits.num_classes,
         mean=mean,
         std=std,
         seed=seed,
@@ -327,34 +348,24 @@ def create_vtab_dataset(
         augment=False,  # NOAH's VTAB setting: --no_aug --direct_resize
         process_index=process_index,
         process_count=process_count,
-        test_name=eval_spec,
+        test_name=splits.test_name,
     )
 
 
-def from_data_config(data_config, *, seed: int, process_index: int = 0, process_count: int = 1) -> Dataset:
-    """Build from ``config.data`` with ``name='vtab/<task>'`` (final) or ``'vtab/<task>/val'``.
+def load_vtab(fields: Mapping[str, Any]) -> Splits:
+    """The loader of ``config.data.name = 'vtab/<task>'`` (final) or ``'vtab/<task>/val'``.
 
-    Reads ``data_dir``, ``image_shape`` (its height is the resize target), ``eval_subset``,
-    ``download``, ``mean`` and ``std`` (None: the ViT [-1, 1] scaling).
+    Reads ``data_dir`` (None: ``$WTJAX_DATA_DIR``, else tfds' default), ``image_shape`` (its
+    height is the resize target) and ``download``. NOAH's setting has no augmentation: set
+    ``augment=False`` (``configs/vtab_lora.py`` does).
     """
-
-    def field(key, default=None):
-        value = data_config.get(key, None) if hasattr(data_config, "get") else getattr(data_config, key, None)
-        return default if value is None else value
-
-    parts = str(field("name")).split("/")
+    parts = str(fields["name"]).split("/")
     if len(parts) not in (2, 3) or parts[0] != "vtab" or (len(parts) == 3 and parts[2] != "val"):
-        raise ValueError(f"VTAB data name must be 'vtab/<task>' or 'vtab/<task>/val', got {field('name')!r}")
-    return create_vtab_dataset(
+        raise ValueError(f"VTAB data name must be 'vtab/<task>' or 'vtab/<task>/val', got {fields['name']!r}")
+    return vtab_splits(
         parts[1],
         protocol="val" if len(parts) == 3 else "final",
-        data_dir=field("data_dir"),
-        image_size=int(tuple(field("image_shape", (224, 224, 3)))[0]),
-        seed=seed,
-        mean=tuple(field("mean", VIT_MEAN)),
-        std=tuple(field("std", VIT_STD)),
-        eval_subset=field("eval_subset"),
-        download=bool(field("download", False)),
-        process_index=process_index,
-        process_count=process_count,
+        data_dir=resolve_data_dir(fields),
+        image_size=int(tuple(fields["image_shape"])[0]),
+        download=bool(fields["download"]),
     )

@@ -1,37 +1,52 @@
-"""The shape of a training config, shared by every file in ``configs/``.
+"""The shape of a training config, shared by every file in ``configs/``: sections and defaults.
 
 A config is an ``ml_collections.ConfigDict`` with these sections (each field is commented where
-it is defined below):
+it is defined):
 
-* top level: seed, batch size, length of the run, logging/eval/checkpoint cadence, devices;
-* ``model``: ``name`` plus **every** field of the registered model class, filled from the class
-  defaults by :func:`model_config` (so ``--config.model.<field>=...`` works for any field and a
-  misspelt field fails); the mask is ``model.mask = dict(kind, density, n, m, seed)`` and becomes a
-  :class:`wtjax.core.masks.MaskSpec`; ``num_classes`` comes from the dataset;
-* ``data``: the fields of :func:`wtjax.data.pipeline.create_dataset`;
+* top level (:func:`base_config`): seed, batch size, length of the run, logging/eval/checkpoint
+  cadence, devices;
+* ``model``: ``name`` plus **every** field of the registered model class
+  (:mod:`wtjax.job.config_model`: :func:`model_config`, :func:`model_from_config`);
+* ``data``: the fields of :data:`wtjax.data.fields.FIELDS` (their one definition, in the data
+  layer that reads them), built by :func:`data_config`;
 * ``optim``: the fields of :mod:`wtjax.job.optim`;
-* ``distributed``: multi-process set-up (:mod:`wtjax.job.parallel`).
+* ``pruning``, ``distributed``, ``pretrained``/``lora``.
 
-Config files call ``base_config(model=..., data=..., optim=...)`` and may parse a short
-``k=v,k=v`` argument with :func:`parse_arg`. :func:`validate` rejects unknown top-level keys and
-builds the model once to check its fields.
+Config files call ``base_config(model=..., data=..., optim=...)``, parse a short ``k=v,k=v``
+argument with :func:`parse_arg`, and share the argument keys and model section of the weight-tied
+families (:func:`tied_args`, :func:`tied_model_config`) and the paper's CIFAR-10 recipe
+(:func:`paper_cifar_recipe`). :func:`load_config_file` is the one way to load a config file by
+path; :func:`validate` rejects unknown or missing keys and builds the model once to check it.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from ml_collections import config_dict
 
-from wtjax.core.masks import MaskSpec
+from wtjax.data.fields import data_config, read_data_config
+from wtjax.job.config_model import MASK_FIELDS, model_config, model_from_config
 
-MASK_FIELDS = ("kind", "density", "n", "m", "seed")
-# Model fields that are not configuration: the number of classes comes from the dataset.
-_FROM_DATA = ("num_classes",)
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+__all__ = [
+    "MASK_FIELDS",
+    "base_config",
+    "data_config",
+    "load_config_file",
+    "load_config_module",
+    "model_config",
+    "model_from_config",
+    "optim_config",
+    "paper_cifar_recipe",
+    "parse_arg",
+    "pruning_config",
+    "tied_args",
+    "tied_model_config",
+    "validate",
+]
 
 
 def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
@@ -71,141 +86,54 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(values)
 
 
-def load_config_file(path, arg: str | None = None) -> config_dict.ConfigDict:
-    """``get_config(arg)`` of the config file at ``path`` (e.g. ``configs/cifar_resnet.py``)."""
+def load_config_module(path) -> ModuleType:
+    """The config file at ``path`` as a module (config files are loaded by path, not as a package)."""
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"_wtjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return module
 
 
-def _field_value(field: dataclasses.Field):
-    """A config value for a dataclass field's default, or ``_SKIP`` if it is not plain data."""
-    default = field.default
-    if isinstance(default, MaskSpec):
-        return config_dict.ConfigDict({k: getattr(default, k) for k in MASK_FIELDS})
-    if default is None:
-        # Optional fields become typed placeholders so ``--config.model.x=...`` can set them.
-        annotation = str(field.type)
-        kinds = [t for name, t in _TYPES.items() if name in annotation]
-        if len(kinds) > 1:
-            return None  # a union (e.g. int | str): an untyped None takes a value of any type
-        return config_dict.placeholder(kinds[0] if kinds else str)
-    if isinstance(default, (bool, int, float, str, tuple)):
-        return default
-    return _SKIP
+def load_config_file(path, arg: str | None = None) -> config_dict.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path`` (e.g. ``configs/cifar_resnet.py``)."""
+    return load_config_module(path).get_config(arg or None)
 
 
-_SKIP = object()
+def tied_args(**overrides) -> dict:
+    """Config-argument defaults of a weight-tied family (``form, mask_mode, density, mask_kind``).
 
-
-def model_config(name: str, **overrides) -> config_dict.ConfigDict:
-    """``config.model`` for the registered model ``name``: every plain field, class defaults first.
-
-    Args:
-      name: a key of :data:`wtjax.models.MODELS`.
-      **overrides: field values; ``mask`` may be a dict with a subset of ``kind, density, n, m,
-        seed``.
-
-    Raises:
-      KeyError / TypeError: unknown model or field.
+    For a config file's ``ARGS``; ``overrides`` change these defaults (e.g. ``density=0.9``).
     """
-    from wtjax.models import MODELS
-
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
-    cfg = config_dict.ConfigDict({"name": name})
-    for field in dataclasses.fields(MODELS[name]):
-        if not field.init or field.name in ("parent", "name") + _FROM_DATA:
-            continue
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            if field.name not in overrides:
-                raise TypeError(f"model {name!r} needs field {field.name!r} in the config")
-            continue
-        value = _field_value(field)
-        if value is not _SKIP:
-            cfg[field.name] = value
-    for key, value in overrides.items():
-        if key not in cfg and key not in {f.name for f in dataclasses.fields(MODELS[name])}:
-            raise TypeError(f"model {name!r} has no field {key!r}")
-        if key == "mask" and "mask" in cfg:
-            unknown = set(value) - set(MASK_FIELDS)
-            if unknown:
-                raise KeyError(f"unknown mask field(s) {sorted(unknown)}; mask fields are {MASK_FIELDS}")
-            cfg.mask.update(value)
-        else:
-            cfg[key] = value
-    return cfg
-
-
-def mask_spec(mask_config) -> MaskSpec:
-    """``config.model.mask`` (``kind, density, n, m, seed``) as a :class:`MaskSpec`."""
-    values = dict(mask_config)
-    unknown = set(values) - set(MASK_FIELDS)
-    if unknown:
-        raise KeyError(f"unknown mask field(s) {sorted(unknown)}; mask fields are {MASK_FIELDS}")
-    return MaskSpec(**values)
-
-
-def build_model(model_config, num_classes: int):
-    """Build the model of ``config.model`` for a dataset with ``num_classes`` classes."""
-    from wtjax import models
-
-    fields = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-    name = fields.pop("name")
-    if "mask" in fields and fields["mask"] is not None:
-        fields["mask"] = mask_spec(fields["mask"])
-    return models.build_model(name, num_classes=num_classes, **fields)
-
-
-def data_config(name: str, **overrides) -> config_dict.ConfigDict:
-    """``config.data``: the fields :func:`wtjax.data.pipeline.create_dataset` reads.
-
-    Raises:
-      KeyError: an unknown field.
-    """
-    cfg = config_dict.ConfigDict(
-        {
-            # digits | cifar10 | imagenet32 | image_folder | synthetic
-            "name": name,
-            # None: tfds (or the bundled data); a path: a local copy (format auto-detected).
-            "data_dir": config_dict.placeholder(str),
-            # Load the official python-pickle CIFAR files (pickle can run code: opt in).
-            "allow_pickle": False,
-            # >0: the last `holdout` training examples (fixed shuffle, seed 0) are the eval split.
-            "holdout": 0,
-            # Use only the first N training examples (after the fixed shuffle); None: all.
-            "train_subset": config_dict.placeholder(int),
-            # Use only the first N evaluation examples; None: all.
-            "eval_subset": config_dict.placeholder(int),
-            # Average-pool images by this integer factor (2: CIFAR 32x32 -> 16x16); 1: as stored.
-            "downsample": 1,
-            # Random crop (zero padding) + horizontal flip (crop only for digits).
-            "augment": True,
-            "crop_padding": config_dict.placeholder(int),  # None: 4 (digits: 2)
-            "flip": config_dict.placeholder(bool),  # None: True (digits: False)
-            # Let tfds download and prepare missing datasets (False: fail fast offline).
-            "download": True,
-            # Decoded-image cache for image folders; None: $WTJAX_CACHE_DIR or ~/.cache/wtjax; '': off.
-            "cache_dir": config_dict.placeholder(str),
-            "workers": config_dict.placeholder(int),  # image decoding threads; None: automatic
-            # Per-channel normalisation; None: the dataset's standard values.
-            "mean": config_dict.placeholder(tuple),
-            "std": config_dict.placeholder(tuple),
-            # Synthetic data only: classes, HWC shape and split sizes.
-            "num_classes": 10,
-            "image_shape": (8, 8, 3),
-            "num_train": 256,
-            "num_eval": 64,
-            "data_seed": 0,  # synthetic data content (independent of the run seed)
-        }
+    args = dict(
+        form="tied",  # tied | not_tied (| shared in the families that have it)
+        mask_mode="multi",  # dense | same | multi | dropout
+        density=0.5,  # fraction of each tied kernel kept
+        mask_kind="unstructured",  # unstructured | nm (2:4)
     )
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise KeyError(f"unknown data field {key!r}; data fields are {sorted(cfg)}")
-        cfg[key] = value
-    return cfg
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise KeyError(f"unknown tied argument(s) {sorted(unknown)}; tied arguments are {sorted(args)}")
+    return args | overrides
+
+
+def tied_model_config(name: str, args, **fields) -> config_dict.ConfigDict:
+    """``config.model`` of a weight-tied family from parsed :func:`tied_args` values plus ``fields``."""
+    mask = dict(kind=args.mask_kind, density=args.density)
+    return model_config(name, form=args.form, mask_mode=args.mask_mode, mask=mask, **fields)
+
+
+def paper_cifar_recipe() -> dict:
+    """``data``, ``optim`` and ``batch_size`` of the paper's CIFAR-10 recipe, for :func:`base_config`.
+
+    Adam, peak lr 1e-3, cosine schedule, weight decay 2.5e-6 (L2), batch 128; random crop + flip
+    and the CIFAR statistics (``mean``/``std`` None).
+    """
+    return dict(
+        data=data_config("cifar10", augment=True),
+        optim=optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6),
+        batch_size=128,
+    )
 
 
 def optim_config(name: str, learning_rate: float, **overrides) -> config_dict.ConfigDict:
@@ -317,11 +245,12 @@ _TOP_LEVEL = frozenset(base_config(model={}, data={}, optim={}).keys())
 def validate(config, num_classes: int | None = None) -> None:
     """Fail early, naming the key, on anything the training job would not use.
 
-    Checks: no unknown top-level keys; the ``data`` and ``optim`` sections have exactly the known
+    Checks: no unknown or missing top-level keys; the ``data`` section is complete with no unknown
+    fields (:func:`wtjax.data.fields.read_data_config`); ``optim`` and ``pruning`` have no unknown
     fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
     devices is checked by :func:`wtjax.job.parallel.check_batch_size`); the model builds from
     ``config.model`` (unknown fields, names and mask values fail in
-    :func:`wtjax.models.build_model` / :class:`MaskSpec`).
+    :func:`wtjax.models.build_model` / :class:`~wtjax.core.masks.MaskSpec`).
     """
     unknown = sorted(set(config.keys()) - _TOP_LEVEL)
     if unknown:
@@ -329,8 +258,8 @@ def validate(config, num_classes: int | None = None) -> None:
     missing = sorted(_TOP_LEVEL - set(config.keys()))
     if missing:
         raise KeyError(f"config is missing key(s) {missing}; build it with wtjax.job.config.base_config")
+    read_data_config(config.data)
     sections = (
-        ("data", data_config("x")),
         ("optim", optim_config("adam", 0.0)),
         ("pruning", pruning_config()),
     )
@@ -343,4 +272,4 @@ def validate(config, num_classes: int | None = None) -> None:
         raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     if config.batch_size % accum:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
-    build_model(config.model, num_classes if num_classes is not None else config.data.num_classes)
+    model_from_config(config.model, num_classes if num_classes is not None else config.data.num_classes)

@@ -86,7 +86,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         )
 
     # ---------------------------------------------------------------- 3. Model and optimizer
-    model = config_schema.build_model(config.model, dataset.num_classes)
+    model = config_schema.model_from_config(config.model, dataset.num_classes)
     tx, schedule = optim.create_optimizer(config.optim, total_steps, steps_per_epoch)
     key = jax.random.PRNGKey(config.seed)
     params_key, dropout_key = jax.random.fold_in(key, PARAMS_SEED), jax.random.fold_in(key, DROPOUT_SEED)

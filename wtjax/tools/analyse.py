@@ -48,7 +48,7 @@ def load_run(workdir: str | Path):
         raise FileNotFoundError(f"{config_file} not found: is {workdir} a workdir of `python -m wtjax.main`?")
     config = config_dict.ConfigDict(json.loads(config_file.read_text()))
     dataset = input_pipeline.create_dataset(config.data, seed=config.seed)
-    model = config_schema.build_model(config.model, dataset.num_classes)
+    model = config_schema.model_from_config(config.model, dataset.num_classes)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = manager.latest_step()
     if step is None:

@@ -101,7 +101,7 @@ def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_class
     schedule is built for a nominal 10^6-step run (its length does not change the program).
     Arrays are ``jax.ShapeDtypeStruct`` with the job's shardings.
     """
-    model = config_schema.build_model(config.model, num_classes)
+    model = config_schema.model_from_config(config.model, num_classes)
     tx, schedule = optim.create_optimizer(config.optim, total_steps=10**6, steps_per_epoch=100)
     key = jax.random.PRNGKey(config.seed)
     image_shape = tuple(image_shape)
