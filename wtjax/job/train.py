@@ -75,26 +75,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         last checkpoint written before it is kept).
     """
     t_start = time.perf_counter()
-    run = _open_run(config, workdir)  # 1
-    _open_data(run)  # 2
+    run = _open_run(config, workdir)  # 1. Processes, devices, workdir.
+    _open_data(run)  # 2. Data.
     # 3. Model, optimizer, hooks.
     image_shape = run.dataset.image_shape
     model = config_schema.build_model(config.model, run.dataset.num_classes)
     tx, schedule = optim.create_optimizer(config.optim, run.total_steps, run.steps_per_epoch)
     key = jax.random.PRNGKey(config.seed)
     params_key, dropout_key = jax.random.fold_in(key, PARAMS_SEED), jax.random.fold_in(key, DROPOUT_SEED)
-    train_hooks, params = hooks.from_config(
-        config,
-        model,
-        run.dataset,
-        params_key=params_key,
-        pruning_key=jax.random.fold_in(key, PRUNING_SEED),
-        init_params=jax.jit(functools.partial(steps.init_params, model, image_shape, params_key)),
-    )
-    for hook in train_hooks:
-        run.log(hook.describe())
-    replicated = parallel.replicated(run.mesh)
-    frozen = tuple(jax.device_put(hook.frozen(), replicated) for hook in train_hooks)
+    train_hooks, params, frozen = _start_hooks(run, model, key, params_key)
     # 4. Restore or initialise.
     checkpointer = checkpointing.Checkpointer(
         run.workdir / "checkpoints",
@@ -114,13 +103,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
     for hook in train_hooks:
         summary.update(hook.summary())
-    if run.main:
-        if config.accounting and all(hook.trains_model_params for hook in train_hooks):
-            # Replicated parameters: this process's copy is the whole of them.
-            local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
-            summary["accounting"], text = _accounting(model, local, image_shape)
-            print(text, flush=True)
-        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    accounting = config.accounting and all(hook.trains_model_params for hook in train_hooks)
+    _write_summary(run, summary, model if accounting else None, state)
     run.writer.close()
     return summary
 
@@ -167,7 +151,24 @@ def _open_data(run: _Run) -> None:
     )
 
 
-# ------------------------------------------------------------------------- 4, 5: state and steps
+# ------------------------------------------------------------------- 3, 4, 5: hooks, state, steps
+
+
+def _start_hooks(run: _Run, model, key, params_key):
+    """``(hooks, the model's initial params if a hook computed them, the hooks' frozen arguments)``."""
+    image_shape = run.dataset.image_shape
+    train_hooks, params = hooks.from_config(
+        run.config,
+        model,
+        run.dataset,
+        params_key=params_key,
+        pruning_key=jax.random.fold_in(key, PRUNING_SEED),
+        init_params=jax.jit(functools.partial(steps.init_params, model, image_shape, params_key)),
+    )
+    for hook in train_hooks:
+        run.log(hook.describe())
+    replicated = parallel.replicated(run.mesh)
+    return train_hooks, params, tuple(jax.device_put(hook.frozen(), replicated) for hook in train_hooks)
 
 
 def _restore_or_init(run: _Run, checkpointer, init_state, params) -> tuple[TrainState, int]:
@@ -337,6 +338,18 @@ def _final_summary(run: _Run, state, evaluate, checkpointer, last_train, num_par
         "eval_split": run.dataset.eval_split,
         "wall_time_s": wall,
     }
+
+
+def _write_summary(run: _Run, summary: dict, model, state) -> None:
+    """``summary.json`` (process 0), with the parameter/FLOP accounting of ``model`` unless ``None``."""
+    if not run.main:
+        return
+    if model is not None:
+        # Replicated parameters: this process's copy is the whole of them.
+        local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+        summary["accounting"], text = _accounting(model, local, run.dataset.image_shape)
+        print(text, flush=True)
+    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 def _accounting(model, params, image_shape) -> tuple[dict | None, str]:
