@@ -1,4 +1,7 @@
-"""The pure training and evaluation step functions of the training job (jitted by the caller).
+"""The pure initial-state, training and evaluation step functions of the job (jitted by the caller).
+
+The state is a :class:`wtjax.job.state.TrainState`; the job's hooks (:mod:`wtjax.job.hooks`, e.g.
+LoRA, pruning) set parts of the initial state and map its params to the model's variables.
 
 Model contract: ``model.apply({'params': p}, images, train=..., rngs=...)`` returns
 ``(logits, out)``. Honoured keys of ``out``: ``aux_loss`` (a scalar added to the loss) and

@@ -295,7 +295,7 @@ def _nest(path: Path, tree):
     return tree
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity (holds arrays)
 class _ScoredTree:
     """What :func:`prune_model` differentiates: ``{'params': ...}``, plus per-reuse views of a tie.
 
@@ -487,7 +487,7 @@ def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> di
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity (holds arrays)
 class PruningHook:
     """Pruning at initialisation in the training job (implements :class:`wtjax.job.hooks.TrainHook`).
 
