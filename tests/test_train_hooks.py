@@ -115,6 +115,7 @@ def test_pruning_hook_holds_masks_in_the_state_and_zeroes_pruned_weights():
     assert variables["masks"] is stored
     assert hook.summary()["pruned_fraction"]["dense/kernel"] == pytest.approx(2 / 6)
     assert "snip" in hook.describe() and hook.trains_model_params
+    assert isinstance(hook, hooks.TrainHook)
 
 
 def test_lora_hook_trains_only_its_tree_and_views_the_frozen_base():
@@ -124,6 +125,7 @@ def test_lora_hook_trains_only_its_tree_and_views_the_frozen_base():
     trainable = jax.tree.map(jnp.ones_like, finetune.init(jax.random.PRNGKey(0), base))
     hook = lora_finetune.FinetuneHook(finetune, base=base, trainable=trainable)
     assert not hook.trains_model_params and hook.frozen() is base
+    assert isinstance(hook, hooks.TrainHook)
     state = hook.init_state(_state())
     assert state.params is trainable
     variables = hooks.apply_variables((hook,), trainable, state, (base,))

@@ -19,12 +19,13 @@ Why a structural ``typing.Protocol`` in the job layer: the implementations live 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from wtjax.job.state import TrainState
 from wtjax.methods import lora_finetune, pruning
 
 
+@runtime_checkable  # isinstance checks that every method and attribute is there (tests)
 class TrainHook(Protocol):
     """What the training job calls on a method that changes what it trains."""
 
