@@ -59,9 +59,9 @@ def test_accumulated_step_equals_the_large_batch_step(accum, devices, tiny_confi
     model = cs.model_from_config(tiny_config.model, 4)
     state, step_metrics = one_step(model, accum, devices, tiny_config)
     ref_state, ref_metrics = tiny_reference
-    assert int(state["step"]) == 1
-    assert_trees_equal(state["params"], ref_state["params"], rtol=RTOL, atol=ATOL)
-    assert_trees_equal(state["opt_state"], ref_state["opt_state"], rtol=RTOL, atol=ATOL)
+    assert int(state.step) == 1
+    assert_trees_equal(state.params, ref_state.params, rtol=RTOL, atol=ATOL)
+    assert_trees_equal(state.opt_state, ref_state.opt_state, rtol=RTOL, atol=ATOL)
     assert step_metrics.keys() == ref_metrics.keys()
     for name, value in ref_metrics.items():  # full-batch values, not the last micro-batch's
         assert step_metrics[name] == pytest.approx(value, rel=1e-5), name
@@ -71,7 +71,7 @@ def test_aux_loss_and_model_metrics_are_full_batch_means(tiny_config):
     model = ProbeModel(num_classes=4, aux_weight=0.5)
     ref_state, ref_metrics = one_step(model, 1, 1, tiny_config)
     state, step_metrics = one_step(model, 4, 2, tiny_config)
-    assert_trees_equal(state["params"], ref_state["params"], rtol=RTOL, atol=ATOL)
+    assert_trees_equal(state.params, ref_state.params, rtol=RTOL, atol=ATOL)
     assert ref_metrics[metrics.TRAIN_AUX_LOSS] > 0
     for name in (metrics.TRAIN_LOSS, metrics.TRAIN_AUX_LOSS, metrics.TRAIN_ACCURACY, metrics.GRAD_NORM):
         assert step_metrics[name] == pytest.approx(ref_metrics[name], rel=1e-5), name

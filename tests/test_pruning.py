@@ -230,12 +230,12 @@ class _Tiny(nn.Module):
         return nn.Dense(2)(x)
 
 
-def test_apply_masks_rejects_mismatched_trees():
+def test_zero_pruned_weights_rejects_mismatched_trees():
     params = _Tiny().init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
     with pytest.raises(ValueError, match="no parameter"):
-        pruning.apply_masks(params, {"other": {"kernel": jnp.ones((3, 2), bool)}})
+        pruning.zero_pruned_weights(params, {"other": {"kernel": jnp.ones((3, 2), bool)}})
     with pytest.raises(ValueError, match="shape"):
-        pruning.apply_masks(params, {"Dense_0": {"kernel": jnp.ones((2, 2), bool)}})
+        pruning.zero_pruned_weights(params, {"Dense_0": {"kernel": jnp.ones((2, 2), bool)}})
 
 
 def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path):

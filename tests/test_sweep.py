@@ -166,7 +166,9 @@ def test_every_study_run_builds_a_valid_config_at_both_scales(study):
         assert runs and len({r.id for r in runs}) == len(runs)
         assert {r.tags["seed"] for r in runs} >= {0, 1, 2}  # at least three seeds everywhere
         for run in runs:
-            config_schema.validate(sweep.load_config(run), 10)
+            config = sweep.load_config(run)
+            config_schema.validate(config)
+            config_schema.model_from_config(config.model, num_classes=10)  # the model's own checks
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)

@@ -140,7 +140,7 @@ def test_jitted_step_traces_once_donates_its_state_and_learns():
     for i in range(4):
         old = state
         state, (m, finite) = step(state, batch)
-        assert bool(finite) and int(state["step"]) == i + 1
-        assert all(x.is_deleted() for x in jax.tree.leaves(old["params"]))  # buffers were donated
+        assert bool(finite) and int(state.step) == i + 1
+        assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # buffers were donated
         losses.append(float(m[metrics.TRAIN_LOSS]))
     assert losses[-1] < losses[0]  # the same batch four times: the loss must go down

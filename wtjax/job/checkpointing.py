@@ -1,6 +1,7 @@
 """Checkpoints of the training state with orbax: periodic and final saves, restore-or-init.
 
-The state is a pytree ``{'step', 'params', 'opt_state'}``. Nothing else is needed to resume
+A :class:`wtjax.job.state.TrainState` is written as the dict ``{'step', 'params', 'opt_state'}``
+(plus ``'masks'`` when pruning; :meth:`TrainState.checkpoint_tree`). Nothing else is needed to resume
 bitwise: the data order and augmentation follow from ``(seed, step)`` and the dropout key of
 step ``s`` is ``fold_in(key, s)``.
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from wtjax.job.state import TrainState
 
 
 class Checkpointer:
@@ -48,7 +51,9 @@ class Checkpointer:
         """The step of the newest complete checkpoint, or None."""
         return self.manager.latest_step()
 
-    def restore_or_init(self, init_fn: Callable[[], dict], abstract_state: dict) -> tuple[dict, bool]:
+    def restore_or_init(
+        self, init_fn: Callable[[], TrainState], abstract_state: TrainState
+    ) -> tuple[TrainState, bool]:
         """The state to start from, and whether it was restored.
 
         Resume order:
@@ -65,21 +70,22 @@ class Checkpointer:
         if step is None:
             return init_fn(), False
         try:
-            state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            target = abstract_state.checkpoint_tree()
+            tree = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except (ValueError, KeyError) as e:
             raise ValueError(
                 f"checkpoint {self.directory / str(step)} does not match this config's model/optimizer "
                 f"({e}); use a new --workdir or the config the checkpoint was written with"
             ) from e
-        return state, True
+        return TrainState.from_checkpoint_tree(tree), True
 
     def should_save(self, step: int) -> bool:
         """True at the periodic save steps."""
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def save(self, step: int, state: dict) -> None:
+    def save(self, step: int, state: TrainState) -> None:
         """Save ``state`` as checkpoint ``step`` (asynchronously if configured)."""
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.manager.save(step, args=ocp.args.StandardSave(state.checkpoint_tree()), force=True)
 
     def close(self) -> None:
         """Wait for pending writes and release the manager."""
@@ -87,6 +93,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_like(state, sharding) -> dict:
+def abstract_like(state, sharding):
     """``jax.ShapeDtypeStruct`` leaves of ``state`` (arrays or shape structs) placed on ``sharding``."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

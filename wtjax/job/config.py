@@ -16,7 +16,7 @@ Config files call ``base_config(model=..., data=..., optim=...)``, parse a short
 argument with :func:`parse_arg`, and share the argument keys and model section of the weight-tied
 families (:func:`tied_args`, :func:`tied_model_config`) and the paper's CIFAR-10 recipe
 (:func:`paper_cifar_recipe`). :func:`load_config_file` is the one way to load a config file by
-path; :func:`validate` rejects unknown or missing keys and builds the model once to check it.
+path; :func:`validate` rejects unknown or missing keys and fields.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from types import ModuleType
 from ml_collections import config_dict
 
 from wtjax.data.fields import data_config, read_data_config
-from wtjax.job.config_model import MASK_FIELDS, model_config, model_from_config
+from wtjax.job.config_model import MASK_FIELDS, check_model_config, model_config, model_from_config
 
 __all__ = [
     "MASK_FIELDS",
@@ -242,15 +242,16 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
 _TOP_LEVEL = frozenset(base_config(model={}, data={}, optim={}).keys())
 
 
-def validate(config, num_classes: int | None = None) -> None:
+def validate(config) -> None:
     """Fail early, naming the key, on anything the training job would not use.
 
     Checks: no unknown or missing top-level keys; the ``data`` section is complete with no unknown
     fields (:func:`wtjax.data.fields.read_data_config`); ``optim`` and ``pruning`` have no unknown
     fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
-    devices is checked by :func:`wtjax.job.parallel.check_batch_size`); the model builds from
-    ``config.model`` (unknown fields, names and mask values fail in
-    :func:`wtjax.models.build_model` / :class:`~wtjax.core.masks.MaskSpec`).
+    devices is checked by :func:`wtjax.job.parallel.check_batch_size`); ``config.model`` names a
+    registered model and only its fields, with valid mask values and dtype
+    (:func:`~wtjax.job.config_model.check_model_config`; the job builds the model once, when
+    the dataset's number of classes is known, and the model checks its own values then).
     """
     unknown = sorted(set(config.keys()) - _TOP_LEVEL)
     if unknown:
@@ -272,4 +273,4 @@ def validate(config, num_classes: int | None = None) -> None:
         raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     if config.batch_size % accum:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
-    model_from_config(config.model, num_classes if num_classes is not None else config.data.num_classes)
+    check_model_config(config.model)

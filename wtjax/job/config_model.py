@@ -89,6 +89,23 @@ def mask_spec(mask_config) -> MaskSpec:
     return MaskSpec(**values)
 
 
+def _model_fields(model_config) -> tuple[str, dict]:
+    """``(name, fields)`` of a model section, its ``mask`` made a :class:`MaskSpec` (checked)."""
+    fields = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    name = fields.pop("name")
+    if "mask" in fields and fields["mask"] is not None:
+        fields["mask"] = mask_spec(fields["mask"])
+    return name, fields
+
+
+def check_model_config(model_config) -> None:
+    """Fail on an unknown model, field, mask field or value, or dtype, without building the model."""
+    from wtjax import models
+
+    name, fields = _model_fields(model_config)
+    models.check_fields(name, fields)
+
+
 def model_from_config(model_config, num_classes: int):
     """The model of ``config.model`` for a dataset with ``num_classes`` classes.
 
@@ -97,8 +114,5 @@ def model_from_config(model_config, num_classes: int):
     """
     from wtjax import models
 
-    fields = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-    name = fields.pop("name")
-    if "mask" in fields and fields["mask"] is not None:
-        fields["mask"] = mask_spec(fields["mask"])
+    name, fields = _model_fields(model_config)
     return models.build_model(name, num_classes=num_classes, **fields)

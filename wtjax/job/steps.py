@@ -1,4 +1,7 @@
-"""The pure training and evaluation step functions of the training job (jitted by the caller).
+"""The pure initial-state, training and evaluation step functions of the job (jitted by the caller).
+
+The state is a :class:`wtjax.job.state.TrainState`; the job's hooks (:mod:`wtjax.job.hooks`, e.g.
+LoRA, pruning) set parts of the initial state and map its params to the model's variables.
 
 Model contract: ``model.apply({'params': p}, images, train=..., rngs=...)`` returns
 ``(logits, out)``. Honoured keys of ``out``: ``aux_loss`` (a scalar added to the loss) and
@@ -17,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from wtjax.job import metrics
-from wtjax.methods import pruning
+from wtjax.job.hooks import apply_variables
+from wtjax.job.state import TrainState
 
 
 def takes_step(model) -> bool:
@@ -25,42 +29,45 @@ def takes_step(model) -> bool:
     return "step" in inspect.signature(type(model).__call__).parameters
 
 
-def make_init_state(model, tx, image_shape, params_key, masks=None, params=None):
-    """``init_state() -> {'step': 0, 'params', 'opt_state'}`` (parameters from ``params_key``).
-
-    ``masks`` (pruning at initialisation, :func:`wtjax.methods.pruning.init_masks`) are added to the
-    state as ``state['masks']`` so they are checkpointed and sharded with it.
-    """
+def init_params(model, image_shape, params_key):
+    """The model's initial parameters, from ``params_key`` (also its dropout key at init)."""
     extra = {"step": 0} if takes_step(model) else {}
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    rngs = {"params": params_key, "dropout": params_key}
+    return model.init(rngs, images, train=False, **extra)["params"]
 
-    given = params
 
-    def init_state():
-        images = jnp.zeros((1, *image_shape), jnp.float32)
-        rngs = {"params": params_key, "dropout": params_key}
-        if given is not None:  # e.g. the trainable LoRA tree of a fine-tuning run
-            params = given
-        else:
-            params = model.init(rngs, images, train=False, **extra)["params"]
-        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
-        if masks is not None:
-            state["masks"] = masks
-        return state
+def make_init_state(model, tx, image_shape, params_key, hooks=()):
+    """``init_state(params=None) -> TrainState`` at step 0.
+
+    ``params``: the initial params when already computed (default: :func:`init_params`, unless a
+    hook sets them, e.g. LoRA's trainable tree). The hooks transform the state in order
+    (:meth:`wtjax.job.hooks.TrainHook.init_state`), then the optimizer state is made from the
+    final params, once.
+    """
+
+    def init_state(params=None):
+        state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=None)
+        for hook in hooks:
+            state = hook.init_state(state)
+        if state.params is None:
+            state = state.replace(params=init_params(model, image_shape, params_key))
+        return state.replace(opt_state=tx.init(state.params))
 
     return init_state
 
 
-def make_train_step(model, tx, schedule, dropout_key, view=None, *, grad_accum_steps=1, batch_shards=1):
-    """``train_step(state, batch) -> (new_state, (step_metrics, finite))``.
+def make_train_step(model, tx, schedule, dropout_key, hooks=(), *, grad_accum_steps=1, batch_shards=1):
+    """``train_step(state, batch, *frozen) -> (new_state, (step_metrics, finite))``.
 
     The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a step depends only on the
     state and the batch (resumed runs repeat uninterrupted ones). ``finite`` is False when the
     loss or the gradient norm is NaN/inf; the caller decides what to do (the state is updated
     regardless and must not be saved).
 
-    ``view(*frozen, params)``, if given, maps the trained params to the model's: LoRA passes
-    the frozen pretrained weights as extra step arguments ``train_step(state, batch, *frozen)``
-    (not closed over: jit would embed them in the program as constants).
+    ``hooks`` (:class:`wtjax.job.hooks.TrainHook`) map the trained params to the model's
+    variables; ``frozen`` holds one argument per hook (``hook.frozen()``, e.g. LoRA's frozen
+    pretrained weights: arguments, not closed over, which would embed them as constants).
 
     Gradient accumulation (``grad_accum_steps`` > 1): the batch is cut into that many equal
     micro-batches (:func:`micro_batches`, laid out for a batch split over ``batch_shards``
@@ -70,55 +77,53 @@ def make_train_step(model, tx, schedule, dropout_key, view=None, *, grad_accum_s
     ``fold_in(fold_in(dropout_key, s), m)`` (independent masks per micro-batch, so with dropout
     the result is a different, equally valid draw than the large batch's).
     """
-    grad_fn = _grads_and_metrics(model, view)
+    grad_fn = _grads_and_metrics(model, hooks)
 
-    def train_step(state, batch, *frozen):
-        step, params, masks = state["step"], state["params"], state.get("masks")
+    def train_step(state: TrainState, batch, *frozen):
+        step, params = state.step, state.params
         step_key = jax.random.fold_in(dropout_key, step)
         if grad_accum_steps == 1:
-            grads, step_metrics = grad_fn(params, masks, frozen, batch, step, step_key)
+            grads, step_metrics = grad_fn(params, state, frozen, batch, step, step_key)
         else:
-
-            def accumulate(grad_sum, indexed):
-                m, micro = indexed
-                grads, micro_metrics = grad_fn(
-                    params, masks, frozen, micro, step, jax.random.fold_in(step_key, m)
-                )
-                return jax.tree.map(jnp.add, grad_sum, grads), micro_metrics
-
-            xs = (jnp.arange(grad_accum_steps), micro_batches(batch, grad_accum_steps, batch_shards))
-            # The sum is kept in (at least) float32 even for low-precision parameters.
-            zeros = jax.tree.map(
-                lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
-            )
-            grad_sum, stacked = jax.lax.scan(accumulate, zeros, xs)
-            # Equal micro-batch sizes: the mean of micro-batch means is the batch mean.
-            grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grad_sum, params)
-            step_metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), stacked)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+            micro = micro_batches(batch, grad_accum_steps, batch_shards)
+            grads, step_metrics = _accumulate(grad_fn, params, state, frozen, micro, step, step_key)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
         grad_norm = optax.tree.norm(grads)
         step_metrics[metrics.GRAD_NORM] = grad_norm
         step_metrics[metrics.LEARNING_RATE] = schedule(step)
         finite = jnp.isfinite(step_metrics[metrics.TRAIN_LOSS]) & jnp.isfinite(grad_norm)
-        new_state = {
-            **state,
-            "step": step + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-        }
+        new_state = state.replace(
+            step=step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state
+        )
         return new_state, (step_metrics, finite)
 
     return train_step
 
 
-def _grads_and_metrics(model, view):
-    """``fn(params, masks, frozen, batch, step, rng) -> (grads, metrics)`` of one (micro-)batch."""
+def _accumulate(grad_fn, params, state, frozen, micro, step, step_key):
+    """Mean gradients and metrics over the stacked micro-batches ``micro``, one at a time."""
+    num_micro = jax.tree.leaves(micro)[0].shape[0]
+
+    def add(grad_sum, indexed):
+        m, batch = indexed
+        grads, micro_metrics = grad_fn(params, state, frozen, batch, step, jax.random.fold_in(step_key, m))
+        return jax.tree.map(jnp.add, grad_sum, grads), micro_metrics
+
+    # The sum is kept in (at least) float32 even for low-precision parameters.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+    grad_sum, stacked = jax.lax.scan(add, zeros, (jnp.arange(num_micro), micro))
+    # Equal micro-batch sizes: the mean of micro-batch means is the batch mean.
+    grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, params)
+    return grads, jax.tree.map(lambda v: jnp.mean(v, axis=0), stacked)
+
+
+def _grads_and_metrics(model, hooks):
+    """``fn(params, state, frozen, batch, step, rng) -> (grads, metrics)`` of one (micro-)batch."""
     with_step = takes_step(model)
 
-    def loss_fn(params, masks, frozen, batch, step, rng):
+    def loss_fn(params, state, frozen, batch, step, rng):
         kwargs = {"step": step} if with_step else {}
-        full = view(*frozen, params) if view is not None else params
-        variables = pruning.model_variables(full, masks)  # {'params': params} unpruned
+        variables = apply_variables(hooks, params, state, frozen)
         logits, out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng}, **kwargs)
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         aux = out.get("aux_loss")  # None when the model has no auxiliary loss
@@ -170,17 +175,18 @@ def micro_batches(batch, grad_accum_steps: int, batch_shards: int = 1):
     return jax.tree.map(split, batch)
 
 
-def make_eval_step(model, step: int, view=None):
-    """``eval_step(params, batch, masks=None) -> {'loss', 'correct', 'count'}`` sums over real rows.
+def make_eval_step(model, step: int, hooks=()):
+    """``eval_step(state, batch, *frozen) -> {'loss', 'correct', 'count'}`` sums over real rows.
 
     ``batch['mask']`` (1 real, 0 padding) weights every example; ``step`` is passed to models that
-    take one (the final step: e.g. a DEQ evaluates with its solver after pre-training).
+    take one (the final step: e.g. a DEQ evaluates with its solver after pre-training); ``hooks``
+    and ``frozen`` as in :func:`make_train_step`.
     """
     kwargs = {"step": jnp.asarray(step, jnp.int32)} if takes_step(model) else {}
 
-    def eval_step(params, batch, masks=None, *frozen):
-        full = view(*frozen, params) if view is not None else params
-        logits, _ = model.apply(pruning.model_variables(full, masks), batch["image"], train=False, **kwargs)
+    def eval_step(state: TrainState, batch, *frozen):
+        variables = apply_variables(hooks, state.params, state, frozen)
+        logits, _ = model.apply(variables, batch["image"], train=False, **kwargs)
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = jnp.argmax(logits, -1) == batch["label"]
         mask = batch["mask"]

@@ -1,8 +1,9 @@
 """The training job: ``train_and_evaluate(config, workdir)``, readable top to bottom.
 
-Sections: (1) processes, devices, workdir; (2) data; (3) model and optimizer; (4) restore or
-initialise the state; (5) the jitted train and eval steps; (6) the loop (metrics, NaN guard,
-evaluation, checkpoints, preemption); (7) final evaluation and summary.
+Sections: (1) processes, devices, workdir; (2) data; (3) model, optimizer and hooks (LoRA,
+pruning: :mod:`wtjax.job.hooks`); (4) restore or initialise the state; (5) the jitted train and
+eval steps; (6) the loop (metrics, NaN guard, evaluation, checkpoints, preemption); (7) final
+evaluation and summary.
 
 Conventions of the model's ``out`` dict honoured here: ``out['aux_loss']`` (a scalar) is added to
 the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``.
@@ -11,12 +12,15 @@ switches from weight-tied pre-training to its solver).
 
 Randomness: ``key = PRNGKey(config.seed)``; parameters from ``fold_in(key, 0)``, the dropout key of
 step ``s`` is ``fold_in(fold_in(key, 1), s)`` (with ``grad_accum_steps`` > 1, micro-batch ``m``
-uses ``fold_in`` of it with ``m``), the data order and augmentation follow from
-``(config.seed, s)``. A resumed run therefore repeats an uninterrupted one exactly.
+uses ``fold_in`` of it with ``m``), random pruning scores from ``fold_in(key, 2)``, the data order
+and augmentation follow from ``(config.seed, s)``. A resumed run therefore repeats an
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,11 +28,31 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, metrics, optim, parallel, preemption, steps
+from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps
 from wtjax.job import config as config_schema
-from wtjax.methods.lora_finetune import FinetuneHook
+from wtjax.job.state import TrainState
 
-PARAMS_SEED, DROPOUT_SEED = 0, 1
+PARAMS_SEED, DROPOUT_SEED, PRUNING_SEED = 0, 1, 2
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every section of the job reads: the config, devices, run directory and data schedule."""
+
+    config: object
+    mesh: jax.sharding.Mesh
+    main: bool  # process 0: writes logs, metrics, config and summary
+    workdir: Path
+    writer: metrics.MetricWriter
+    dataset: object = None
+    eval_batch_size: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    eval_every: int = 0
+
+    def log(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict:
@@ -41,7 +65,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     Returns:
       The final metrics: ``step``, ``eval/accuracy``, ``eval/loss``, ``eval/num_examples``,
-      ``num_params``, ``wall_time_s`` and the last logged training metrics.
+      ``num_params``, ``wall_time_s``, the last logged training metrics and the hooks' entries
+      (e.g. ``pruned_fraction``).
 
     Raises:
       wtjax.job.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
@@ -50,7 +75,45 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         last checkpoint written before it is kept).
     """
     t_start = time.perf_counter()
-    # ---------------------------------------------------------------- 1. Processes, devices, workdir
+    run = _open_run(config, workdir)  # 1. Processes, devices, workdir.
+    _open_data(run)  # 2. Data.
+    # 3. Model, optimizer, hooks.
+    image_shape = run.dataset.image_shape
+    model = config_schema.model_from_config(config.model, run.dataset.num_classes)
+    tx, schedule = optim.create_optimizer(config.optim, run.total_steps, run.steps_per_epoch)
+    key = jax.random.PRNGKey(config.seed)
+    params_key, dropout_key = jax.random.fold_in(key, PARAMS_SEED), jax.random.fold_in(key, DROPOUT_SEED)
+    train_hooks, params, frozen = _start_hooks(run, model, key, params_key)
+    # 4. Restore or initialise.
+    checkpointer = checkpointing.Checkpointer(
+        run.workdir / "checkpoints",
+        keep=config.keep_checkpoints,
+        every_steps=config.checkpoint_every_steps,
+        async_save=config.async_checkpointing,
+    )
+    init_state = steps.make_init_state(model, tx, image_shape, params_key, train_hooks)
+    state, num_params = _restore_or_init(run, checkpointer, init_state, params)
+    # 5. Steps.
+    train_step, evaluate = _jit_steps(run, model, tx, schedule, dropout_key, train_hooks, frozen)
+    # 6. The loop.
+    state, last_train, preempted_at = _train_loop(run, state, train_step, evaluate, checkpointer)
+    if preempted_at is not None:
+        _stop_for_preemption(run, checkpointer, preempted_at)
+    # 7. Final evaluation and summary.
+    summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
+    for hook in train_hooks:
+        summary.update(hook.summary())
+    accounting = config.accounting and all(hook.trains_model_params for hook in train_hooks)
+    _write_summary(run, summary, model if accounting else None, state)
+    run.writer.close()
+    return summary
+
+
+# ---------------------------------------------------------------------------- 1, 2: run and data
+
+
+def _open_run(config, workdir) -> _Run:
+    """Start the processes, check the config, make the mesh and the workdir (``config.json``)."""
     parallel.initialize_distributed(config.distributed)
     config_schema.validate(config)
     mesh = parallel.create_mesh(config.num_devices)
@@ -61,79 +124,85 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
+    return _Run(config, mesh, main, workdir, writer)
 
-    # ---------------------------------------------------------------- 2. Data
-    from wtjax.data import pipeline as input_pipeline  # imported here: it pulls in tfds only when a job runs
 
+def _open_data(run: _Run) -> None:
+    """The dataset and the run's length in steps, epochs and evaluation intervals."""
+    from wtjax.data import pipeline  # imported here: it pulls in tfds only when a job runs
+
+    config = run.config
     process_index, process_count = parallel.process_info()
-    parallel.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    parallel.check_batch_size(eval_batch_size, mesh)
-    dataset = input_pipeline.create_dataset(
+    parallel.check_batch_size(config.batch_size, run.mesh, config.grad_accum_steps)
+    run.eval_batch_size = config.eval_batch_size or config.batch_size
+    parallel.check_batch_size(run.eval_batch_size, run.mesh)
+    dataset = pipeline.create_dataset(
         config.data, seed=config.seed, process_index=process_index, process_count=process_count
     )
-    steps_per_epoch = dataset.num_train // config.batch_size
-    if steps_per_epoch < 1:
+    run.dataset = dataset
+    run.steps_per_epoch = dataset.num_train // config.batch_size
+    if run.steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} exceeds the {dataset.num_train} training examples")
-    total_steps = config.num_train_steps or int(round(config.num_epochs * steps_per_epoch))
-    eval_every = steps_per_epoch if config.eval_every_steps is None else config.eval_every_steps
-    if main:
-        print(
-            f"data: {dataset.name}, {dataset.num_train} train / {dataset.num_eval} eval "
-            f"({dataset.eval_split}), "
-            f"{steps_per_epoch} steps/epoch, {total_steps} steps",
-            flush=True,
-        )
-
-    # ---------------------------------------------------------------- 3. Model and optimizer
-    model = config_schema.model_from_config(config.model, dataset.num_classes)
-    tx, schedule = optim.create_optimizer(config.optim, total_steps, steps_per_epoch)
-    key = jax.random.PRNGKey(config.seed)
-    params_key, dropout_key = jax.random.fold_in(key, PARAMS_SEED), jax.random.fold_in(key, DROPOUT_SEED)
-    masks = _pruning_masks(config, model, tx, dataset, params_key, key)  # None unless config.pruning.method
-    init_state = steps.make_init_state(model, tx, dataset.image_shape, params_key, masks)
-    # LoRA fine-tuning (config.lora): the state holds only the trainable tree (adapters + new
-    # head), so the optimizer and every checkpoint see only those; the frozen pretrained weights
-    # are reloaded from config.pretrained on every (re)start and passed to the steps.
-    hook = FinetuneHook.from_config(config)
-    frozen, view = (), None
-    if hook is not None:
-        base = hook.base_params(dataset.num_classes, dataset.image_shape, rng=params_key)
-        trainable = hook.init(params_key, base)
-        frozen, view = (jax.device_put(base, parallel.replicated(mesh)),), hook.effective
-        init_state = steps.make_init_state(model, tx, dataset.image_shape, params_key, masks, trainable)
-        if main:
-            print(hook.describe(base, trainable), flush=True)
-
-    # ---------------------------------------------------------------- 4. Restore or initialise
-    replicated = parallel.replicated(mesh)
-    abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
-    checkpointer = checkpointing.Checkpointer(
-        workdir / "checkpoints",
-        keep=config.keep_checkpoints,
-        every_steps=config.checkpoint_every_steps,
-        async_save=config.async_checkpointing,
+    run.total_steps = config.num_train_steps or int(round(config.num_epochs * run.steps_per_epoch))
+    run.eval_every = run.steps_per_epoch if config.eval_every_steps is None else config.eval_every_steps
+    run.log(
+        f"data: {dataset.name}, {dataset.num_train} train / {dataset.num_eval} eval "
+        f"({dataset.eval_split}), {run.steps_per_epoch} steps/epoch, {run.total_steps} steps"
     )
-    init_fn = jax.jit(init_state, out_shardings=replicated)
+
+
+# ------------------------------------------------------------------- 3, 4, 5: hooks, state, steps
+
+
+def _start_hooks(run: _Run, model, key, params_key):
+    """``(hooks, the model's initial params if a hook computed them, the hooks' frozen arguments)``."""
+    image_shape = run.dataset.image_shape
+    train_hooks, params = hooks.from_config(
+        run.config,
+        model,
+        run.dataset,
+        params_key=params_key,
+        pruning_key=jax.random.fold_in(key, PRUNING_SEED),
+        init_params=jax.jit(functools.partial(steps.init_params, model, image_shape, params_key)),
+    )
+    for hook in train_hooks:
+        run.log(hook.describe())
+    replicated = parallel.replicated(run.mesh)
+    return train_hooks, params, tuple(jax.device_put(hook.frozen(), replicated) for hook in train_hooks)
+
+
+def _restore_or_init(run: _Run, checkpointer, init_state, params) -> tuple[TrainState, int]:
+    """``(state, number of trained parameters)``: the newest checkpoint, else the initial state.
+
+    ``params``: the model's initial params if a hook already computed them (else ``None``).
+    """
+    replicated = parallel.replicated(run.mesh)
+    init_fn = functools.partial(jax.jit(init_state, out_shardings=replicated), params)
+    abstract_state = checkpointing.abstract_like(jax.eval_shape(init_fn), replicated)
     state, restored = checkpointer.restore_or_init(init_fn, abstract_state)
-    start_step = int(jax.device_get(state["step"]))
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
-    if main:
-        origin = f"resumed from checkpoint at step {start_step}" if restored else "initialised from the seed"
-        print(f"model: {config.model.name}, {num_params:,} parameters; {origin}", flush=True)
+    start_step = int(jax.device_get(state.step))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    origin = f"resumed from checkpoint at step {start_step}" if restored else "initialised from the seed"
+    run.log(f"model: {run.config.model.name}, {num_params:,} parameters; {origin}")
+    return state, num_params
 
-    # ---------------------------------------------------------------- 5. Train and eval steps
+
+def _jit_steps(run: _Run, model, tx, schedule, dropout_key, train_hooks, frozen):
+    """``(train_step(state, batch), evaluate(state) -> eval metrics)``, jitted for the mesh."""
     # Gradient accumulation's micro-batches are laid out for a batch split over all mesh devices.
-    accum = {"grad_accum_steps": config.grad_accum_steps, "batch_shards": mesh.size}
-    train_step = parallel.jit_train_step(
-        _trace_once(steps.make_train_step(model, tx, schedule, dropout_key, view, **accum)), mesh, len(frozen)
-    )
-    eval_step = jax.jit(steps.make_eval_step(model, total_steps, view), out_shardings=replicated)
+    accum = {"grad_accum_steps": run.config.grad_accum_steps, "batch_shards": run.mesh.size}
+    step_fn = steps.make_train_step(model, tx, schedule, dropout_key, train_hooks, **accum)
+    jitted = parallel.jit_train_step(_trace_once(step_fn), run.mesh, len(frozen))
+    eval_step = steps.make_eval_step(model, run.total_steps, train_hooks)
+    eval_step = jax.jit(eval_step, out_shardings=parallel.replicated(run.mesh))
 
-    def evaluate(params, masks=None) -> dict:
+    def train_step(state, batch):
+        return jitted(state, parallel.global_batch(batch, run.mesh), *frozen)
+
+    def evaluate(state) -> dict:
         sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in dataset.eval_batches(eval_batch_size):
-            out = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh), masks, *frozen))
+        for batch in run.dataset.eval_batches(run.eval_batch_size):
+            out = jax.device_get(eval_step(state, parallel.global_batch(batch, run.mesh), *frozen))
             sums = {k: sums[k] + float(out[k]) for k in sums}
         count = max(sums["count"], 1.0)
         return {
@@ -142,112 +211,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             metrics.EVAL_COUNT: sums["count"],
         }
 
-    # ---------------------------------------------------------------- 6. The loop
-    pending: list[tuple[int, dict, jax.Array]] = []  # per-step device values not yet fetched
-    last_train: dict = {}
-    progress = metrics.Progress(total_steps, start_step, enabled=main and config.progress)
-
-    def flush_pending(step: int) -> dict:
-        """Fetch the pending step metrics; raise on the first non-finite step; return averages."""
-        nonlocal pending
-        fetched = jax.device_get(pending)
-        pending = []
-        for s, _, finite in fetched:
-            if not finite:
-                checkpointer.close()
-                good = checkpointer.latest_step()
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {s} (training step {s + 1} of {total_steps}); "
-                    f"stopped without saving it. Last good checkpoint: "
-                    f"{'none' if good is None else checkpointer.directory / str(good)}"
-                )
-        if not fetched:
-            return {}
-        averages = {k: float(np.mean([m[k] for _, m, _ in fetched])) for k in fetched[0][1]}
-        averages[metrics.LEARNING_RATE] = float(fetched[-1][1][metrics.LEARNING_RATE])
-        return averages
-
-    batches = dataset.train_batches(config.batch_size, start_step=start_step)
-    t_interval, steps_in_interval = time.perf_counter(), 0
-    preempted = False
-    with preemption.PreemptionWatch(checkpointer.manager.reached_preemption) as watch:
-        for step in range(start_step, total_steps):
-            batch = parallel.global_batch(next(batches), mesh)
-            state, (step_metrics, finite) = train_step(state, batch, *frozen)
-            pending.append((step, step_metrics, finite))
-            done = step + 1
-            steps_in_interval += 1
-            if step == start_step:
-                jax.block_until_ready(state)
-                first_step_s = time.perf_counter() - t_interval
-                writer.write(done, {metrics.COMPILE_TIME: first_step_s})
-                t_interval, steps_in_interval = time.perf_counter(), 0
-                progress.restart(done)
-            progress.update(done)
-            preempted = watch.reached(done)  # save this step and stop (wtjax/job/preemption.py)
-
-            if done % config.log_every_steps == 0 or done == total_steps or preempted:
-                averages = flush_pending(step)
-                elapsed = time.perf_counter() - t_interval
-                if steps_in_interval:
-                    averages[metrics.STEP_TIME] = elapsed / steps_in_interval
-                    averages[metrics.IMAGES_PER_SEC] = steps_in_interval * config.batch_size / elapsed
-                averages[metrics.EPOCH] = done / steps_per_epoch
-                writer.write(done, averages)
-                last_train = averages
-                t_interval, steps_in_interval = time.perf_counter(), 0
-
-            if eval_every and done % eval_every == 0 and done != total_steps and not preempted:
-                writer.write(done, evaluate(state["params"], state.get("masks")))
-                t_interval, steps_in_interval = time.perf_counter(), 0
-
-            if checkpointer.should_save(done) or done == total_steps or preempted:
-                flush_pending(step)  # never save a non-finite state
-                checkpointer.save(done, state)
-            if preempted:
-                break
-    if preempted:  # the job's answer to a preemption notice: the checkpoint, then stop
-        checkpointer.close()  # waits for the save
-        writer.close()
-        stop = preemption.Preempted(done, checkpointer.directory / str(done))
-        if main:
-            print(f"\n{stop}", flush=True)
-        raise stop
-
-    # ---------------------------------------------------------------- 7. Final evaluation, summary
-    final_eval = evaluate(state["params"], state.get("masks"))
-    final_step = int(jax.device_get(state["step"]))
-    writer.write(final_step, final_eval)
-    checkpointer.close()
-    wall = time.perf_counter() - t_start
-    summary = {
-        "step": final_step,
-        **final_eval,
-        **{k: v for k, v in last_train.items() if k.startswith("train/")},
-        "num_params": num_params,
-        "eval_split": dataset.eval_split,
-        "wall_time_s": wall,
-    }
-    if masks is not None:  # pruning at initialisation: the fraction removed per masked leaf
-        from wtjax.methods import pruning
-
-        summary["pruned_fraction"] = pruning.sparsity_report({**masks["params"], **masks["masks"]})
-    if main:
-        print(
-            f"\nfinal: step {final_step}, eval accuracy {final_eval[metrics.EVAL_ACCURACY]:.4f} "
-            f"on {int(final_eval[metrics.EVAL_COUNT])} examples ({dataset.eval_split}), "
-            f"eval loss {final_eval[metrics.EVAL_LOSS]:.4f}, {num_params:,} parameters, "
-            f"wall time {wall:.1f} s",
-            flush=True,
-        )
-        if config.accounting and hook is None:  # accounting expects the model's own params
-            # Replicated parameters: this process's copy is the whole of them.
-            local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state["params"])
-            summary["accounting"], text = _accounting(model, local, dataset.image_shape)
-            print(text, flush=True)
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    writer.close()
-    return summary
+    return train_step, evaluate
 
 
 def _trace_once(fn):
@@ -264,6 +228,130 @@ def _trace_once(fn):
     return traced_once
 
 
+# ------------------------------------------------------------------------------------- 6: loop
+
+
+class _PendingMetrics:
+    """Per-step device values not fetched yet (fetching every step would stall the device)."""
+
+    def __init__(self, checkpointer, total_steps: int):
+        self.checkpointer, self.total_steps, self.items = checkpointer, total_steps, []
+
+    def add(self, step: int, step_metrics: dict, finite) -> None:
+        self.items.append((step, step_metrics, finite))
+
+    def flush(self) -> dict:
+        """Fetch the pending steps; raise on the first non-finite one; return their averages."""
+        fetched, self.items = jax.device_get(self.items), []
+        for s, _, finite in fetched:
+            if not finite:
+                self.checkpointer.close()
+                good = self.checkpointer.latest_step()
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {s} (training step {s + 1} of {self.total_steps}); "
+                    f"stopped without saving it. Last good checkpoint: "
+                    f"{'none' if good is None else self.checkpointer.directory / str(good)}"
+                )
+        if not fetched:
+            return {}
+        averages = {k: float(np.mean([m[k] for _, m, _ in fetched])) for k in fetched[0][1]}
+        averages[metrics.LEARNING_RATE] = float(fetched[-1][1][metrics.LEARNING_RATE])
+        return averages
+
+
+def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
+    """Train to ``run.total_steps``: ``(state, last logged train metrics, preempted step or None)``.
+
+    Logs every ``log_every_steps``, evaluates every ``run.eval_every``, saves every
+    ``checkpoint_every_steps`` and at the end; a preemption notice saves the step reached and stops.
+    """
+    config, writer = run.config, run.writer
+    start_step = int(jax.device_get(state.step))
+    pending, last_train = _PendingMetrics(checkpointer, run.total_steps), {}
+    progress = metrics.Progress(run.total_steps, start_step, enabled=run.main and config.progress)
+    batches = run.dataset.train_batches(config.batch_size, start_step=start_step)
+    t_interval, steps_in_interval = time.perf_counter(), 0
+    with preemption.PreemptionWatch(checkpointer.manager.reached_preemption) as watch:
+        for step in range(start_step, run.total_steps):
+            state, (step_metrics, finite) = train_step(state, next(batches))
+            pending.add(step, step_metrics, finite)
+            done = step + 1
+            steps_in_interval += 1
+            if step == start_step:
+                jax.block_until_ready(state)
+                writer.write(done, {metrics.COMPILE_TIME: time.perf_counter() - t_interval})
+                t_interval, steps_in_interval = time.perf_counter(), 0
+                progress.restart(done)
+            progress.update(done)
+            preempted = watch.reached(done)  # save this step and stop (wtjax/job/preemption.py)
+            if done % config.log_every_steps == 0 or done == run.total_steps or preempted:
+                averages = pending.flush()
+                elapsed = time.perf_counter() - t_interval
+                if steps_in_interval:
+                    averages[metrics.STEP_TIME] = elapsed / steps_in_interval
+                    averages[metrics.IMAGES_PER_SEC] = steps_in_interval * config.batch_size / elapsed
+                averages[metrics.EPOCH] = done / run.steps_per_epoch
+                writer.write(done, averages)
+                last_train = averages
+                t_interval, steps_in_interval = time.perf_counter(), 0
+            if run.eval_every and done % run.eval_every == 0 and done != run.total_steps and not preempted:
+                writer.write(done, evaluate(state))
+                t_interval, steps_in_interval = time.perf_counter(), 0
+            if checkpointer.should_save(done) or done == run.total_steps or preempted:
+                pending.flush()  # never save a non-finite state
+                checkpointer.save(done, state)
+            if preempted:
+                return state, last_train, done
+    return state, last_train, None
+
+
+def _stop_for_preemption(run: _Run, checkpointer, step: int):
+    """The job's answer to a preemption notice: the checkpoint of ``step`` (written), then stop."""
+    checkpointer.close()  # waits for the save
+    run.writer.close()
+    stop = preemption.Preempted(step, checkpointer.directory / str(step))
+    run.log(f"\n{stop}")
+    raise stop
+
+
+# --------------------------------------------------------------------------- 7: final summary
+
+
+def _final_summary(run: _Run, state, evaluate, checkpointer, last_train, num_params, t_start) -> dict:
+    """Evaluate the final state, close the checkpoints, print and return the summary."""
+    final_eval = evaluate(state)
+    final_step = int(jax.device_get(state.step))
+    run.writer.write(final_step, final_eval)
+    checkpointer.close()
+    wall = time.perf_counter() - t_start
+    run.log(
+        f"\nfinal: step {final_step}, eval accuracy {final_eval[metrics.EVAL_ACCURACY]:.4f} "
+        f"on {int(final_eval[metrics.EVAL_COUNT])} examples ({run.dataset.eval_split}), "
+        f"eval loss {final_eval[metrics.EVAL_LOSS]:.4f}, {num_params:,} parameters, "
+        f"wall time {wall:.1f} s"
+    )
+    return {
+        "step": final_step,
+        **final_eval,
+        **{k: v for k, v in last_train.items() if k.startswith("train/")},
+        "num_params": num_params,
+        "eval_split": run.dataset.eval_split,
+        "wall_time_s": wall,
+    }
+
+
+def _write_summary(run: _Run, summary: dict, model, state) -> None:
+    """``summary.json`` (process 0), with the parameter/FLOP accounting of ``model`` unless ``None``."""
+    if not run.main:
+        return
+    if model is not None:
+        # Replicated parameters: this process's copy is the whole of them.
+        local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+        summary["accounting"], text = _accounting(model, local, run.dataset.image_shape)
+        print(text, flush=True)
+    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
 def _accounting(model, params, image_shape) -> tuple[dict | None, str]:
     """``(summary dict, printable text)`` of :mod:`wtjax.analysis.accounting` (stored/active/used
     parameters, FLOPs per image)."""
@@ -274,27 +362,3 @@ def _accounting(model, params, image_shape) -> tuple[dict | None, str]:
         return result, accounting.format_summary(result)
     except Exception as e:  # accounting is a report, never a reason to lose a finished run
         return None, f"(accounting unavailable: {type(e).__name__}: {e})"
-
-
-PRUNING_SEED = 2
-
-
-def _pruning_masks(config, model, tx, dataset, params_key, key):
-    """``config.pruning``'s masks for the initial parameters (``None`` when pruning is off).
-
-    Computed eagerly once per job from the seed (the initial parameters, the first training batch
-    of ``pruning.batch_size`` examples, the key ``fold_in(key, PRUNING_SEED)``), so a resumed job
-    recomputes exactly the masks its checkpoint holds. See :func:`wtjax.methods.pruning.init_masks`.
-    """
-    from wtjax.methods import pruning
-
-    if config.pruning.method is None:
-        return None
-    params = steps.make_init_state(model, tx, dataset.image_shape, params_key)()["params"]
-    batch = next(dataset.train_batches(min(config.pruning.batch_size, dataset.num_train)))
-    batch = {"image": batch["image"], "label": batch["label"]}
-    masks = pruning.init_masks(config.pruning, model, params, batch, jax.random.fold_in(key, PRUNING_SEED))
-    if parallel.is_main_process():
-        removed = pruning.sparsity_report({**masks["params"], **masks["masks"]})["all"]
-        print(f"pruning: {config.pruning.method}, {removed:.4f} of the selected weights removed", flush=True)
-    return masks

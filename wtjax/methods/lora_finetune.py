@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Any
 
 import jax
 import numpy as np
@@ -122,26 +123,31 @@ def from_config(lora_config) -> LoraFinetune:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneHook:
-    """What a training loop needs to fine-tune a pretrained ViT with (multi-mask) LoRA.
+    """Fine-tuning a pretrained ViT with (multi-mask) LoRA in the training job.
 
-    Built from a config with ``config.lora`` (see ``configs/vtab_lora.py``) and
-    ``config.pretrained`` (a local public-layout ``.npz``). The loop keeps only the trainable tree
-    in its state (layout 1 of the module docstring) and passes the frozen base to its steps::
+    Implements :class:`wtjax.job.hooks.TrainHook`: the state's params are only the trainable tree
+    (layout 1 of the module docstring), the frozen base is every step's extra argument and the
+    model runs with :meth:`effective` of both. Built from a config with ``config.lora`` (see
+    ``configs/vtab_lora.py``) and ``config.pretrained`` (a local public-layout ``.npz``)::
 
-        hook = FinetuneHook.from_config(config)            # None: ordinary training
-        base = hook.base_params(num_classes, image_shape)   # frozen; reloaded on every (re)start
-        params = hook.init(params_key, base)                # the train state's params
-        logits, out = model.apply({'params': hook.effective(base, params)}, images, ...)
+        hook = FinetuneHook.from_config(config)             # None: ordinary training
+        hook = hook.loaded(num_classes, image_shape, key)   # on every (re)start
+        logits, out = model.apply({'params': hook.effective(hook.base, params)}, images, ...)
 
     Attributes:
       finetune: the adapters and trained base leaves.
       pretrained: path of the checkpoint.
       model_fields: the ViT fields of ``config.model`` (without ``name``/``num_classes``).
+      base: the frozen pretrained params (:meth:`loaded`; ``None`` before).
+      trainable: the initial trainable tree (:meth:`loaded`; ``None`` before).
     """
 
     finetune: LoraFinetune
-    pretrained: str
-    model_fields: dict
+    pretrained: str = ""
+    model_fields: dict = dataclasses.field(default_factory=dict)
+    base: Any = None
+    trainable: Any = None
+    trains_model_params = False  # the state holds adapters and head, not the model's params
 
     @classmethod
     def from_config(cls, config) -> FinetuneHook | None:
@@ -173,16 +179,36 @@ class FinetuneHook:
             rng=rng,
         )
 
+    def loaded(self, num_classes: int, image_shape, key: jax.Array) -> FinetuneHook:
+        """This hook with :attr:`base` (new head from ``key``) and :attr:`trainable` (from ``key``)."""
+        base = self.base_params(num_classes, image_shape, rng=key)
+        return dataclasses.replace(self, base=base, trainable=self.init(key, base))
+
     def init(self, key: jax.Array, base_params) -> dict:
         return self.finetune.init(key, base_params)
 
     def effective(self, base_params, trainable):
         return self.finetune.effective(base_params, trainable)
 
-    def describe(self, base_params, trainable) -> str:
+    # ------------------------------------------------------------- wtjax.job.hooks.TrainHook
+    def init_state(self, state):
+        return state.replace(params=self.trainable)
+
+    def frozen(self):
+        return self.base
+
+    def variables(self, variables: dict, state, frozen) -> dict:
+        return {**variables, "params": self.effective(frozen, variables["params"])}
+
+    def describe(self, base_params=None, trainable=None) -> str:
+        base_params = self.base if base_params is None else base_params
+        trainable = self.trainable if trainable is None else trainable
         spec = self.finetune.spec
         return (
             f"LoRA fine-tuning ({spec.kind}, rank {spec.rank}, depth {spec.depth}, density {spec.density}): "
             f"{num_params(trainable['lora']):,} adapter + {num_params(trainable['base']):,} head parameters "
             f"trained; {num_params(base_params):,} frozen from {self.pretrained}"
         )
+
+    def summary(self) -> dict:
+        return {}

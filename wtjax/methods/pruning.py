@@ -25,7 +25,7 @@ Two steps (Pham et al., "Pruning deep equilibrium models", App. B):
   order (sorted path, then row-major index) is kept; NaN scores rank lowest.
 
 Masks are partial trees (only the masked leaves), the layout of :class:`wtjax.core.tied.Tied`'s
-``stored`` masks; :func:`apply_masks` multiplies them into a parameter tree.
+``stored`` masks; :func:`zero_pruned_weights` multiplies them into a parameter tree.
 
 **Tied blocks** (:func:`prune_model`). One scored mask per shared tensor (``per_reuse=False``): the
 shared weight is scored like any other (its gradient is the sum of the per-reuse gradients).
@@ -45,6 +45,7 @@ This module imports only jax, flax and numpy.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -170,7 +171,7 @@ def _synflow(loss_fn, params, batch, predicate, sparsity, scope, iterations):
     @jax.jit
     def round_scores(masks):
         def objective(p):
-            return loss_fn(apply_masks(p, masks), batch)
+            return loss_fn(zero_pruned_weights(p, masks), batch)
 
         grads = _flat(jax.grad(objective)(abs_params))
         flat_masks = _flat(masks)
@@ -200,7 +201,7 @@ def _keep_top(values: np.ndarray, keep: int) -> np.ndarray:
     return mask
 
 
-def kept_count(size: int, sparsity: float) -> int:
+def kept_at_sparsity(size: int, sparsity: float) -> int:
     """Weights kept out of ``size`` at ``sparsity``: ``size - round(sparsity * size)``."""
     return size - int(round(sparsity * size))
 
@@ -233,12 +234,12 @@ def masks_from_scores(scores, sparsity: float, scope: str = "global", predicate:
     if scope == "layer":
         return _partial(
             {
-                p: jnp.asarray(_keep_top(v.ravel(), kept_count(v.size, sparsity)).reshape(v.shape))
+                p: jnp.asarray(_keep_top(v.ravel(), kept_at_sparsity(v.size, sparsity)).reshape(v.shape))
                 for p, v in flat.items()
             }
         )
     values = np.concatenate([v.ravel() for v in flat.values()])
-    keep = _keep_top(values, kept_count(values.size, sparsity))
+    keep = _keep_top(values, kept_at_sparsity(values.size, sparsity))
     out, start = {}, 0
     for p, v in flat.items():
         out[p] = jnp.asarray(keep[start : start + v.size].reshape(v.shape))
@@ -246,7 +247,7 @@ def masks_from_scores(scores, sparsity: float, scope: str = "global", predicate:
     return _partial(out)
 
 
-def apply_masks(params, masks):
+def zero_pruned_weights(params, masks):
     """``params`` with every leaf that has a mask in ``masks`` (a partial tree) multiplied by it."""
     if not masks:
         return params
@@ -282,7 +283,7 @@ def model_variables(params, masks):
     """
     if not masks:
         return {"params": params}
-    variables = {"params": apply_masks(params, masks.get("params"))}
+    variables = {"params": zero_pruned_weights(params, masks.get("params"))}
     if masks.get("masks"):
         variables["masks"] = masks["masks"]
     return variables
@@ -292,6 +293,92 @@ def _nest(path: Path, tree):
     for k in reversed(path):
         tree = {k: tree}
     return tree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity (holds arrays)
+class _ScoredTree:
+    """What :func:`prune_model` differentiates: ``{'params': ...}``, plus per-reuse views of a tie.
+
+    ``tied_leaves`` maps the prunable leaves of the tied block (paths relative to ``tied_path``)
+    to their initial values. With ``per_reuse`` the block's params are set to one and reuse
+    ``k``'s effective weights ``w_k`` are the leaves ``views/<k>/...``, passed to the model as
+    slice ``k`` of the ``masks`` collection (module docstring).
+    """
+
+    predicate: Callable
+    tied_path: Path | None
+    tied_leaves: dict
+    per_reuse: bool
+    depth: int | None
+
+    def in_tie(self, p: Path) -> bool:
+        return self.tied_path is not None and p[: len(self.tied_path)] == self.tied_path
+
+    def tree(self, params) -> dict:
+        """The scored tree of the initial ``params``."""
+        if not self.per_reuse:
+            return {"params": params}
+        # Effective weights as independent variables: block params set to one, w_k in the views.
+        base = dict(_flat(params))
+        for rel in self.tied_leaves:
+            base[self.tied_path + rel] = jnp.ones_like(base[self.tied_path + rel])
+        views = {str(k): _partial(dict(self.tied_leaves)) for k in range(self.depth)}
+        return {"params": traverse_util.unflatten_dict(base), "views": views}
+
+    def variables(self, t) -> dict:
+        """The model's ``apply`` variables of a scored tree ``t``."""
+        v = {"params": t["params"]}
+        if self.per_reuse:
+            views = [t["views"][str(k)] for k in range(self.depth)]
+            v["masks"] = _nest(self.tied_path, jax.tree.map(lambda *xs: jnp.stack(xs), *views))
+        elif self.tied_path is not None:
+            ones = {p: jnp.ones_like(x) for p, x in self.tied_leaves.items()}
+            v["masks"] = _nest(self.tied_path, _partial(ones))
+        return v
+
+    def scored(self, p: Path, leaf) -> bool:
+        """The predicate over the scored tree: every view, prunable params outside a per-reuse tie."""
+        if p[0] == "views":
+            return True
+        return self.predicate(p[1:], leaf) and not (self.per_reuse and self.in_tie(p[1:]))
+
+    def split(self, masks: dict) -> dict:
+        """The flat masks of the scored tree as ``{'params': partial tree, 'masks': collection}``."""
+        param_masks, stored = {}, {}
+        for p, m in masks.items():
+            if p[0] == "params" and not self.in_tie(p[1:]):
+                param_masks[p[1:]] = m
+            elif p[0] == "params":
+                stored[p[1 + len(self.tied_path) :]] = m
+        if self.per_reuse:
+            per = [
+                _flat(_partial({p[2:]: m for p, m in masks.items() if p[:2] == ("views", str(k))}))
+                for k in range(self.depth)
+            ]
+            for rel in self.tied_leaves:
+                stored[rel] = jnp.stack([per[k][rel] for k in range(self.depth)])
+        return {
+            "params": _partial(param_masks),
+            "masks": _nest(self.tied_path, _partial(stored)) if stored else {},
+        }
+
+
+def _scoring_loss(method: str, apply_fn: Callable, variables: Callable, images) -> Callable:
+    """``loss_fn(tree, batch)``: SynFlow's summed output on ones, else the cross-entropy."""
+    if method == "synflow":
+        ones = jnp.ones_like(images)
+
+        def synflow_objective(t, _):
+            return jnp.sum(apply_fn(variables(t), ones))
+
+        return synflow_objective
+
+    def cross_entropy(t, b):
+        logits = apply_fn(variables(t), b["image"])
+        labels = jax.nn.one_hot(b["label"], logits.shape[-1])
+        return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+
+    return cross_entropy
 
 
 def prune_model(
@@ -309,7 +396,7 @@ def prune_model(
     depth: int | None = None,
     iterations: int = 100,
 ) -> dict:
-    """Score and prune a classifier at initialisation (the training hook's one call).
+    """Score and prune a classifier at initialisation (what :func:`init_masks` calls).
 
     Args:
       method: one of :data:`METHODS`.
@@ -331,85 +418,34 @@ def prune_model(
     tied_path = tuple(tied_path) if tied_path else None
     if per_reuse and (tied_path is None or not depth):
         raise ValueError("per_reuse pruning needs tied_path and depth")
-
-    def in_tie(p: Path) -> bool:
-        return tied_path is not None and p[: len(tied_path)] == tied_path
-
-    flat_params = _flat(params)
-    tied_leaves = {p[len(tied_path) :]: v for p, v in flat_params.items() if in_tie(p) and pred(p, v)}
+    n = len(tied_path or ())
+    tied_leaves = {
+        p[n:]: v for p, v in _flat(params).items() if tied_path and p[:n] == tied_path and pred(p, v)
+    }
     if tied_path is not None and not tied_leaves:
         raise ValueError(f"no prunable parameter under tied_path {'/'.join(tied_path)}")
-    if per_reuse:
-        # Effective weights as independent variables: block params set to one, w_k in the views.
-        base = dict(flat_params)
-        for rel in tied_leaves:
-            base[tied_path + rel] = jnp.ones_like(base[tied_path + rel])
-        views = {str(k): _partial(dict(tied_leaves)) for k in range(depth)}
-        tree = {"params": traverse_util.unflatten_dict(base), "views": views}
-    else:
-        tree = {"params": params}
-
-    def variables(t):
-        v = {"params": t["params"]}
-        if per_reuse:
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[t["views"][str(k)] for k in range(depth)])
-            v["masks"] = _nest(tied_path, stacked)
-        elif tied_path is not None:
-            v["masks"] = _nest(tied_path, _partial({p: jnp.ones_like(x) for p, x in tied_leaves.items()}))
-        return v
-
-    def tree_predicate(p: Path, leaf) -> bool:
-        if p[0] == "views":
-            return True
-        return pred(p[1:], leaf) and not (per_reuse and in_tie(p[1:]))
-
+    scored = _ScoredTree(pred, tied_path, tied_leaves, per_reuse, depth)
     images = jnp.asarray(batch["image"])
-    if method == "synflow":
-        ones = jnp.ones_like(images)
-
-        def loss_fn(t, _):
-            return jnp.sum(apply_fn(variables(t), ones))
-    else:
-
-        def loss_fn(t, b):
-            logits = apply_fn(variables(t), b["image"])
-            labels = jax.nn.one_hot(b["label"], logits.shape[-1])
-            return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
-
-    data = {"image": images, "label": jnp.asarray(batch["label"])}
     scores = score(
         method,
-        loss_fn,
-        tree,
-        data,
-        predicate=tree_predicate,
+        _scoring_loss(method, apply_fn, scored.variables, images),
+        scored.tree(params),
+        {"image": images, "label": jnp.asarray(batch["label"])},
+        predicate=scored.scored,
         key=key,
         sparsity=sparsity,
         scope=scope,
         iterations=iterations,
     )
-    masks = _flat(masks_from_scores(scores, sparsity, scope))
-    param_masks, stored = {}, {}
-    for p, m in masks.items():
-        if p[0] == "params" and not in_tie(p[1:]):
-            param_masks[p[1:]] = m
-        elif p[0] == "params":
-            stored[p[1 + len(tied_path) :]] = m
-    if per_reuse:
-        per = [
-            _flat(_partial({p[2:]: m for p, m in masks.items() if p[:2] == ("views", str(k))}))
-            for k in range(depth)
-        ]
-        for rel in tied_leaves:
-            stored[rel] = jnp.stack([per[k][rel] for k in range(depth)])
-    return {"params": _partial(param_masks), "masks": _nest(tied_path, _partial(stored)) if stored else {}}
+    return scored.split(_flat(masks_from_scores(scores, sparsity, scope)))
 
 
 def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> dict | None:
-    """The training job's pruning hook: masks for ``config.pruning``, or ``None`` when it is off.
+    """The masks of ``config.pruning`` for a model's initial params, or ``None`` when it is off.
 
-    Called once after initialisation; the result is held in the training state (``state['masks']``)
-    and used through :func:`model_variables` in every train and eval step.
+    The training job computes them at start-up and holds them in a :class:`PruningHook` (which puts
+    them in the training state, ``state.masks``, used through :func:`model_variables` in every
+    train and eval step).
 
     Args:
       pruning_config: ``config.pruning`` (fields of :func:`wtjax.job.config.pruning_config`):
@@ -449,3 +485,41 @@ def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> di
         depth=getattr(model, "depth", None),
         iterations=int(pruning_config.iterations),
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity (holds arrays)
+class PruningHook:
+    """Pruning at initialisation in the training job (implements :class:`wtjax.job.hooks.TrainHook`).
+
+    The masks (:func:`init_masks`) are placed in the initial state (``state.masks``: checkpointed
+    and sharded with it) and every train and eval step runs the model on
+    :func:`model_variables` of the params and ``state.masks``.
+
+    Attributes:
+      method: the scoring method (for the log).
+      masks: ``{'params': partial bool tree, 'masks': stored-masks collection}``.
+    """
+
+    method: str
+    masks: dict
+    trains_model_params = True
+
+    def init_state(self, state):
+        return state.replace(masks=self.masks)
+
+    def frozen(self):
+        return ()
+
+    def variables(self, variables: dict, state, frozen) -> dict:
+        return {**variables, **model_variables(variables["params"], state.masks)}
+
+    def pruned_fraction(self) -> dict[str, float]:
+        """:func:`sparsity_report` of every mask (ordinary layers and the tied block's)."""
+        return sparsity_report({**self.masks["params"], **self.masks["masks"]})
+
+    def describe(self) -> str:
+        removed = self.pruned_fraction()["all"]
+        return f"pruning: {self.method}, {removed:.4f} of the selected weights removed"
+
+    def summary(self) -> dict:
+        return {"pruned_fraction": self.pruned_fraction()}

@@ -44,8 +44,12 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(name: str, **fields) -> nn.Module:
-    """Build the registered model ``name`` with the given dataclass ``fields``."""
+def check_fields(name: str, fields) -> type[nn.Module]:
+    """The registered class ``name`` after checking that it has every one of ``fields``.
+
+    Raises ``KeyError`` (unknown model), ``TypeError`` (unknown field) or ``ValueError`` (unknown
+    compute dtype) without building the model.
+    """
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
     cls = MODELS[name]
@@ -55,4 +59,9 @@ def build_model(name: str, **fields) -> nn.Module:
         raise TypeError(f"model {name!r} has no field(s) {unknown}; its fields are {sorted(known)}")
     if "dtype" in fields:
         precision.compute_dtype(fields["dtype"])  # a bad name fails here, before any tracing
-    return cls(**fields)
+    return cls
+
+
+def build_model(name: str, **fields) -> nn.Module:
+    """Build the registered model ``name`` with the given dataclass ``fields`` (checked first)."""
+    return check_fields(name, fields)(**fields)

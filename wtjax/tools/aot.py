@@ -113,11 +113,13 @@ def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_class
         images = jnp.zeros((1, *image_shape), jnp.float32)
         base = model.init({"params": key, "dropout": key}, images, train=False)["params"]
         trainable = finetune.init(key, base)
-        return steps.make_init_state(model, tx, image_shape, key, params=trainable)(), (base,)
+        return steps.make_init_state(model, tx, image_shape, key)(trainable), (base,)
 
-    view = None if finetune is None else finetune.effective
+    hooks = (
+        () if finetune is None else (lora_finetune.FinetuneHook(finetune),)
+    )  # the frozen base: an argument
     accum = {"grad_accum_steps": config.grad_accum_steps, "batch_shards": mesh.size}
-    step = steps.make_train_step(model, tx, schedule, key, view, **accum)
+    step = steps.make_train_step(model, tx, schedule, key, hooks, **accum)
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state, frozen = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init_all)
