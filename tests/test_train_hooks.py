@@ -89,7 +89,7 @@ def test_hooks_apply_in_order_with_their_own_frozen_argument():
 
 
 def test_a_hooks_initial_params_replace_the_models_and_get_the_optimizer_state():
-    model = cs.build_model(load_config("tiny", "model=mlp").model, 4)
+    model = cs.model_from_config(load_config("tiny", "model=mlp").model, 4)
     tx = optax.adam(1e-3)
     own = {"w": jnp.full((5,), 7.0)}
     state = steps.make_init_state(model, tx, (8, 8, 3), jax.random.PRNGKey(0), (_Recorder("a", own),))()
