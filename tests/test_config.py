@@ -170,3 +170,23 @@ def test_model_config_covers_every_plain_field_with_class_defaults():
     assert model == cls(num_classes=10)
     assert "num_classes" not in m  # comes from the dataset
     assert set(m.mask.keys()) == set(cs.MASK_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "name, defaults",
+    [
+        ("mlp", dict(form="tied", mask_mode="multi")),
+        ("resnet20", dict(form="not_tied", mask_mode="dense")),
+        ("cct", dict(form="tied", mask_mode="multi", share_rate=1, share_params="all")),
+        ("convmixer", dict(form="shared", mask_mode="dense", share_rate=2, share_params="pointwise")),
+        ("vit_shared", dict(form="shared", mask_mode="dense", share_rate=2, fusion="none")),
+    ],
+)
+def test_inherited_tie_fields_are_config_fields_with_each_familys_defaults(name, defaults):
+    """The tie fields come from a shared base (wtjax.models.tying); configs still set them by name."""
+    m = cs.model_config(name)
+    for key in ("form", "mask_mode", "mask", "scan", "remat_policy", "checkpoint_every", "dtype"):
+        assert key in m, key
+    for key, value in defaults.items():
+        assert m[key] == value, key
+    assert cs.build_model(m, 10) == cs.build_model(cs.model_config(name, **defaults), 10)

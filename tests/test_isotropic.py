@@ -157,3 +157,20 @@ def test_shared_vit_count_matches_formula():
         not_tied - count(build_model("vit_shared", form="shared", share_rate=2, **TINY_VIT))
         == depth // 2 * layer
     )
+
+
+@pytest.mark.parametrize(
+    "name, fields",
+    [("convmixer", TINY), ("vit_shared", TINY_VIT), ("mlp", dict(width=8, depth=2))],
+)
+def test_not_tied_form_is_dense_whatever_the_mask_mode(name, fields):
+    """One rule for every family (wtjax.models.tying): masks apply to the tied and shared forms
+    only; the not-tied stack is the explicit (dense) baseline."""
+    dense = build_model(name, form="not_tied", mask_mode="dense", **fields)
+    masked = build_model(name, form="not_tied", mask_mode="multi", **fields)
+    variables = dense.init(jax.random.PRNGKey(0), IMAGES)
+    np.testing.assert_array_equal(dense.apply(variables, IMAGES)[0], masked.apply(variables, IMAGES)[0])
+    tied = build_model(name, form="tied", mask_mode="dense", **fields)
+    tied_vars = tied.init(jax.random.PRNGKey(0), IMAGES)
+    multi = build_model(name, form="tied", mask_mode="multi", **fields)
+    assert not np.allclose(tied.apply(tied_vars, IMAGES)[0], multi.apply(tied_vars, IMAGES)[0])

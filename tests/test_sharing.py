@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from wtjax import MaskSpec, Tied, masks_for
-from wtjax.core.spin import sharing
-from wtjax.core.tied import fold_fusion
+from wtjax.core.spin import fold_fusion, sharing
 
 # ---------------------------------------------------------------------------------------------
 # Topologies (Figure 2 / Table 1 of the SPIN paper, written out by hand)
@@ -325,3 +324,18 @@ def test_tied_works_as_the_top_level_module_in_every_mode():
         unrolled_not_tied = kw == dict(shared=False, scan=False)
         assert set(params) == ({"block_0", "block_1", "block_2"} if unrolled_not_tied else {"block"})
         assert tied.apply({"params": params}, jnp.zeros_like(x), x).shape == x.shape
+
+
+def test_spin_view_selects_the_mapped_set_and_keeps_per_layer_leaves():
+    from wtjax.core.spin import SpinView
+
+    view = SpinView((0, 0, 1), share_predicate=lambda path, leaf: path[-1] == "kernel")
+    kernel = jnp.arange(2 * 3).reshape(2, 3).astype(jnp.float32)  # P = 2 sets
+    bias = jnp.arange(3 * 4).reshape(3, 4).astype(jnp.float32)  # one per layer
+    params = {"dense": {"kernel": kernel, "bias": bias}}
+    for i, slot in enumerate(view.weight_map):
+        seen = view.select(params, i, {})
+        np.testing.assert_array_equal(seen["dense"]["kernel"], kernel[slot])
+        np.testing.assert_array_equal(seen["dense"]["bias"], bias[i])
+    with pytest.raises(ValueError, match="unknown fusion"):
+        SpinView((0, 1), fusion="median")

@@ -46,13 +46,8 @@ class Net(nn.Module):
             shared=self.shared,
             name="tied",
         )
-        return tied(
-            jnp.zeros_like(x),
-            x,
-            depth=depth,
-            deterministic=deterministic,
-            return_intermediates=return_intermediates,
-        )
+        run = tied.trajectory if return_intermediates else tied
+        return run(jnp.zeros_like(x), x, depth=depth, deterministic=deterministic)
 
 
 X = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
@@ -286,7 +281,7 @@ class CheckpointedNet(nn.Module):
             checkpoint_every=self.checkpoint_every,
             name="tied",
         )
-        return tied(jnp.zeros_like(x), x, return_intermediates=return_intermediates)
+        return (tied.trajectory if return_intermediates else tied)(jnp.zeros_like(x), x)
 
 
 @pytest.mark.parametrize("depth", [4, 7])
@@ -312,3 +307,32 @@ def test_checkpointing_needs_a_valid_segment_and_a_tied_scan():
         Tied(DenseBlock(), depth=4, checkpoint_every=2, shared=False)
     with pytest.raises(ValueError, match="scan=True and shared=True"):
         Tied(DenseBlock(), depth=4, checkpoint_every=2, scan=False)
+
+
+def test_call_returns_the_state_and_trajectory_the_states_as_top_level_module():
+    """``Tied(...)(z)`` is always the final state; ``trajectory`` is always ``(z_K, zs)``."""
+    tie = Tied(DenseBlock(), depth=K, mask_mode="multi", mask=MaskSpec(density=0.5, seed=3))
+    z0 = jnp.zeros_like(X)
+    variables = tie.init(jax.random.PRNGKey(0), z0, X)
+    z = tie.apply(variables, z0, X)
+    z_k, zs = tie.apply(variables, z0, X, method="trajectory")
+    assert isinstance(z, jax.Array) and zs.shape == (K,) + X.shape
+    _close(z, z_k)
+    _close(zs[-1], z)
+    # The states are the successive reuses: reuse i maps zs[i - 1] to zs[i].
+    _close(tie.apply(variables, z0, X, depth=2), zs[1])
+
+
+def test_mask_view_rejects_unknown_modes_and_leaves_dense_params_untouched():
+    from wtjax.core.views import MaskView
+
+    with pytest.raises(ValueError, match="unknown mask_mode"):
+        MaskView("sparse")
+    with pytest.raises(ValueError, match="unknown mask_mode"):
+        Tied(DenseBlock(), depth=K, mask_mode="sparse")
+    params = PARAMS["params"]["tied"]["block"]
+    assert MaskView("dense")(params, None, 0, None, ("tied", "block")) is params
+    masked = MaskView("multi", MaskSpec(density=0.5, seed=3))(params, None, 1, None, ("tied", "block"))
+    _close(masked, apply_masks(params, MaskSpec(density=0.5, seed=3), 1, ("tied", "block")))
+    # dropout without a key (evaluation) is dense
+    assert MaskView("dropout", MaskSpec(density=0.5))(params, None, 0, None, ("tied", "block")) is params

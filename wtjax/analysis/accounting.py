@@ -99,7 +99,8 @@ def find_tied(
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if isinstance(module, Tied) and context.method_name == "__call__" and module.path not in sites:
+        is_run = context.method_name in ("__call__", "trajectory")
+        if isinstance(module, Tied) and is_run and module.path not in sites:
             depth = kwargs.get("depth")
             sites[module.path] = TiedSite(
                 path=tuple(module.path),
@@ -143,7 +144,7 @@ def _generated_masks(block, site: TiedSite, block_path: Path) -> list[dict]:
     # masks_for needs only shapes; materialise zeros so ShapeDtypeStructs work too.
     zeros = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, np.float32), block)
     reuses = range(site.depth) if site.mask_mode == "multi" else range(1)
-    # Same call as Tied._masked: masks hash the shared weight's path "<tied>/block/...".
+    # Same call as the tie's MaskView: masks hash the shared weight's path "<tied>/block/...".
     return [
         {p: np.asarray(m) for p, m in masks_for(zeros, site.mask, k, scope=block_path).items()}
         for k in reuses
@@ -155,7 +156,7 @@ def _stored_masks(block, masks, site: TiedSite) -> list[dict]:
     leaves = traverse_util.flatten_dict(block)
     flat = traverse_util.flatten_dict(_subtree(masks, site.path + ("block",)))
     # A stored mask is one mask for every reuse or K masks stacked on a leading axis: the same
-    # rule as Tied's _apply_stored_masks (one more dimension than its parameter).
+    # rule as wtjax.core.views.apply_stored_masks (one more dimension than its parameter).
     stacked = {p: np.ndim(m) == len(leaves[p].shape) + 1 for p, m in flat.items()}
     return [{p: np.asarray(m[k] if stacked[p] else m) for p, m in flat.items()} for k in range(site.depth)]
 

@@ -39,8 +39,7 @@ import jax.numpy as jnp
 
 from wtjax.core import precision
 from wtjax.core.masks import MaskSpec
-from wtjax.core.spin import options as spin
-from wtjax.core.tied import Tied
+from wtjax.models.tying import SpinModel, run_tie
 
 #: CCT sizes: the public CIFAR models and the small one of the paper's Table 1b (0.96M).
 VARIANTS = {
@@ -53,7 +52,15 @@ VARIANTS = {
     "7/3x1-small": dict(embed_dim=128, depth=7, num_heads=2, mlp_ratio=2.0, n_conv_layers=1, kernel_size=3),
     "tiny": dict(embed_dim=16, depth=3, num_heads=2, mlp_ratio=2.0, n_conv_layers=1, kernel_size=3),
 }
-SHARE_PARAMS = ("all", "attention", "mlp")
+_ATTENTION_LAYERS = ("self_attn", "pre_norm")
+_MLP_LAYERS = ("linear1", "linear2", "norm1")
+#: ``share_params`` names and the block parameters they share (``None``: all of them).
+SHARE_PREDICATES = {
+    "all": None,
+    "attention": lambda path, leaf: path[0] in _ATTENTION_LAYERS,
+    "mlp": lambda path, leaf: path[0] in _MLP_LAYERS,
+}
+SHARE_PARAMS = tuple(SHARE_PREDICATES)
 
 _dense_init = dict(kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
 
@@ -172,16 +179,7 @@ def pool_and_classify(x, num_classes: int, dtype=None):
     return precision.upcast(logits), pooled
 
 
-def _share_predicate(name: str):
-    if name not in SHARE_PARAMS:
-        raise ValueError(f"unknown share_params {name!r}; choose one of {SHARE_PARAMS}")
-    if name == "all":
-        return None
-    prefixes = ("self_attn", "pre_norm") if name == "attention" else ("linear1", "linear2", "norm1")
-    return lambda path, leaf: path[0] in prefixes
-
-
-class CCT(nn.Module):
+class CCT(SpinModel):
     """CCT classifier returning ``(logits, out)`` (model contract in :mod:`wtjax.models`).
 
     Attributes:
@@ -190,15 +188,14 @@ class CCT(nn.Module):
       n_conv_layers, kernel_size, conv_hidden: the tokenizer (``<kernel>x<n_conv_layers>``;
         intermediate convs have ``conv_hidden`` channels, as the public code's 64).
       dropout, attention_dropout, drop_path: regularisation (public defaults 0, 0.1, 0.1 ramp).
-      form: ``not_tied`` (CCT), ``tied`` (one encoder layer reused ``depth`` times) or ``shared``
-        (SPIN topology; :mod:`wtjax.core.spin.options`).
-      share_rate, share_mapping, share_distribution, share_seed, share_params, affine_groups,
-        fusion: SPIN sharing (form ``shared``); ``share_params`` in ``all``/``attention``/``mlp``.
-      mask_mode, mask: masks on the reused kernels (the paper's multi-mask weight-tied CCT).
-      scan, remat_policy: loop implementation.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
-        and logits stay float32.
+      (tie and SPIN fields: :class:`~wtjax.models.tying.SpinModel`: ``form`` ``not_tied`` (CCT),
+      ``tied`` (one encoder layer reused ``depth`` times, by default with the paper's multi-masks)
+      or ``shared``; ``share_params`` in ``all``/``attention``/``mlp``.)
     """
+
+    mask: MaskSpec = MaskSpec(density=0.9)
+    share_rate: int = 1
+    SHARE_PREDICATES = SHARE_PREDICATES
 
     num_classes: int = 10
     embed_dim: int = 256
@@ -211,24 +208,6 @@ class CCT(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.1
     drop_path: float = 0.05
-    form: str = "tied"
-    share_rate: int = 1
-    share_mapping: str = "sequential"
-    share_distribution: str = "uniform"
-    share_seed: int = 0
-    share_params: str = "all"
-    affine_groups: int = 0
-    fusion: str = "none"
-    mask_mode: str = "multi"
-    mask: MaskSpec = MaskSpec(density=0.9)
-    scan: bool = True
-    remat_policy: str | None = None
-    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
-    dtype: str = "float32"
-
-    @property
-    def share_predicate(self):
-        return _share_predicate(self.share_params)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
@@ -245,30 +224,10 @@ class CCT(nn.Module):
             deterministic=not train,
             dtype=precision.layer_dtype(self.dtype),
         )
-        tied = Tied(
-            layer,
-            depth=self.depth,
-            mask_mode=self.mask_mode if self.form != "not_tied" else "dense",
-            mask=self.mask,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            checkpoint_every=self.checkpoint_every,
-            dtype=self.dtype,
-            name="encoder",
-            **spin.tie_kwargs(self, self.share_predicate),
-        )
-        result = tied(x, deterministic=not train, return_intermediates=return_intermediates)
-        x, xs = result if return_intermediates else (result, None)
+        tied = self.tie(layer, depth=self.depth, name=self.TIE_NAME)
+        x, xs = run_tie(tied, x, train=train, return_intermediates=return_intermediates)
         logits, pooled = pool_and_classify(x, self.num_classes, precision.layer_dtype(self.dtype))
         out = {"tokens": tokens, "pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = xs
         return logits, out
-
-    def from_not_tied(self, fused_init: dict, not_tied: dict) -> dict:
-        """SPIN fusion init from a trained not-tied CCT (:func:`wtjax.core.spin.options.from_not_tied`)."""
-        return spin.from_not_tied(fused_init, not_tied, "encoder")
-
-    def export_fused(self, params: dict):
-        """``(model, params)`` with the fusion folded away (:func:`wtjax.core.spin.options.export_fused`)."""
-        return spin.export_fused(self, params, "encoder", self.share_predicate)

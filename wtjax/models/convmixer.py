@@ -24,9 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wtjax.core import precision
-from wtjax.core.masks import MaskSpec
-from wtjax.core.spin import options as spin
-from wtjax.core.tied import Tied
+from wtjax.models.tying import SpinModel, run_tie
 
 #: ``C/D/P/K`` sizes: SPIN's ImageNet models (Tables 4-5) and small CIFAR ones.
 VARIANTS = {
@@ -38,7 +36,9 @@ VARIANTS = {
     "128/8/2/5": dict(width=128, depth=8, patch_size=2, kernel_size=5),
     "tiny": dict(width=8, depth=4, patch_size=2, kernel_size=3),
 }
-SHARE_PARAMS = ("pointwise", "all")
+#: ``share_params`` names and the block parameters they share (``None``: all of them).
+SHARE_PREDICATES = {"pointwise": lambda path, leaf: path[0] == "pointwise", "all": None}
+SHARE_PARAMS = tuple(SHARE_PREDICATES)
 
 
 def parameter_count(
@@ -73,51 +73,26 @@ class ConvMixerLayer(nn.Module):
         return nn.LayerNorm(dtype=self.dtype, name="norm2")(nn.gelu(z))
 
 
-def _share_predicate(name: str):
-    if name not in SHARE_PARAMS:
-        raise ValueError(f"unknown share_params {name!r}; choose one of {SHARE_PARAMS}")
-    return None if name == "all" else (lambda path, leaf: path[0] == "pointwise")
-
-
-class ConvMixer(nn.Module):
+class ConvMixer(SpinModel):
     """ConvMixer classifier returning ``(logits, out)`` (model contract in :mod:`wtjax.models`).
 
     Attributes:
       num_classes, width, depth, patch_size, kernel_size: the ``C/D/P/K`` architecture.
-      form: ``not_tied``, ``tied`` or ``shared`` (:mod:`wtjax.core.spin.options`).
-      share_rate, share_mapping, share_distribution, share_seed: SPIN topology (form ``shared``).
-      share_params: ``pointwise`` (SPIN) or ``all``.
-      affine_groups: SPIN per-layer affine transform group size (0: off).
-      fusion: ``none`` or a SPIN fusion strategy.
-      mask_mode, mask: masks on the reused weights (:class:`wtjax.core.tied.Tied`).
-      scan, remat_policy: loop implementation.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
-        and logits stay float32.
+      (tie and SPIN fields: :class:`~wtjax.models.tying.SpinModel`; ``form`` defaults to
+      ``shared``, ``mask_mode`` to ``dense``; ``share_params`` is ``pointwise`` (SPIN) or ``all``.)
     """
+
+    form: str = "shared"
+    mask_mode: str = "dense"
+    share_params: str = "pointwise"
+    TIE_NAME = "mixer"
+    SHARE_PREDICATES = SHARE_PREDICATES
 
     num_classes: int = 10
     width: int = 256
     depth: int = 8
     patch_size: int = 2
     kernel_size: int = 5
-    form: str = "shared"
-    share_rate: int = 2
-    share_mapping: str = "sequential"
-    share_distribution: str = "uniform"
-    share_seed: int = 0
-    share_params: str = "pointwise"
-    affine_groups: int = 0
-    fusion: str = "none"
-    mask_mode: str = "dense"
-    mask: MaskSpec = MaskSpec()
-    scan: bool = True
-    remat_policy: str | None = None
-    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
-    dtype: str = "float32"
-
-    @property
-    def share_predicate(self):
-        return _share_predicate(self.share_params)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
@@ -128,31 +103,13 @@ class ConvMixer(nn.Module):
             precision.cast(images, dtype)
         )
         x = nn.LayerNorm(dtype=dtype, name="stem_norm")(nn.gelu(x))
-        tied = Tied(
-            ConvMixerLayer(self.width, self.kernel_size, dtype),
-            depth=self.depth,
-            mask_mode=self.mask_mode,
-            mask=self.mask,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            checkpoint_every=self.checkpoint_every,
-            dtype=self.dtype,
-            name="mixer",
-            **spin.tie_kwargs(self, self.share_predicate),
+        tied = self.tie(
+            ConvMixerLayer(self.width, self.kernel_size, dtype), depth=self.depth, name=self.TIE_NAME
         )
-        result = tied(x, deterministic=not train, return_intermediates=return_intermediates)
-        z, zs = result if return_intermediates else (result, None)
+        z, zs = run_tie(tied, x, train=train, return_intermediates=return_intermediates)
         pooled = jnp.mean(z, axis=(1, 2))
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"pre_logits": pooled}
         if return_intermediates:
             out["block_outputs"] = zs
         return logits, out
-
-    def from_not_tied(self, fused_init: dict, not_tied: dict) -> dict:
-        """SPIN fusion init from a trained not-tied ConvMixer (see :mod:`wtjax.core.spin.options`)."""
-        return spin.from_not_tied(fused_init, not_tied, "mixer")
-
-    def export_fused(self, params: dict):
-        """``(model, params)`` with the fusion folded away (:func:`wtjax.core.spin.options.export_fused`)."""
-        return spin.export_fused(self, params, "mixer", self.share_predicate)

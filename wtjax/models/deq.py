@@ -51,7 +51,7 @@ import jax.numpy as jnp
 
 from wtjax.core import precision
 from wtjax.core.conv import Conv
-from wtjax.core.tied import Tied
+from wtjax.core.tied import Tied, checkpoint_policy
 from wtjax.implicit import (
     GRAD_MODES,
     SolverConfig,
@@ -176,8 +176,9 @@ class DEQBase(nn.Module):
         def body(z, _):
             return self._f(p, x, z), None
 
-        if self.remat_policy is not None:
-            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+        policy = checkpoint_policy(self.remat_policy)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
         z, _ = jax.lax.scan(body, self._z0(x), None, length=self.depth)
         zero = jnp.zeros((), jnp.float32)
         return z, {k: zero for k in METRIC_NAMES}, zero

@@ -30,10 +30,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wtjax.core import precision
-from wtjax.core.masks import MaskSpec
-from wtjax.core.tied import Tied
+from wtjax.models.tying import TiedModel, run_tie
 
-FORMS = ("tied", "not_tied")
 MLP_SIZES = {"small": 256, "large": 512}
 
 
@@ -71,7 +69,7 @@ class MLPBlock(nn.Module):
         return nn.LayerNorm(dtype=self.dtype, name="ln3")(nn.relu(z + h))
 
 
-class MLP(nn.Module):
+class MLP(TiedModel):
     """Weight-tied (or not-tied) MLP classifier; returns ``(logits, out)``.
 
     Attributes:
@@ -79,27 +77,15 @@ class MLP(nn.Module):
       size: ``small`` (width 256) or ``large`` (512); ignored when ``width`` is set.
       width: hidden width (overrides ``size``).
       depth: reuses K of the tied block (layers of the not-tied stack).
-      form: ``tied`` (one block reused K times) or ``not_tied`` (K independent blocks).
-      mask_mode: ``dense``, ``same``, ``multi`` or ``dropout`` (tied form; see :class:`Tied`).
-        The not-tied form is always dense.
-      mask: mask kind, density, N:M and seed (applied to the two tied Dense kernels only).
-      scan: scan (default) or the unrolled reference loop.
-      remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
-        and logits stay float32.
+      (tie fields ``form``, ``mask_mode``, ``mask``, ``scan``, ``remat_policy``,
+      ``checkpoint_every``, ``dtype``: :class:`~wtjax.models.tying.TiedModel`; the mask applies to
+      the two tied Dense kernels only.)
     """
 
     num_classes: int = 10
     size: str = "small"
     width: int | None = None
     depth: int = 8
-    form: str = "tied"
-    mask_mode: str = "multi"
-    mask: MaskSpec = MaskSpec()
-    scan: bool = True
-    remat_policy: str | None = None
-    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
-    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -117,33 +103,15 @@ class MLP(nn.Module):
           ``(logits, out)``; ``out`` has ``embedding``, ``pre_logits`` and, when
           ``return_intermediates``, ``block_outputs`` of shape ``(K, B, width)``.
         """
-        if self.form not in FORMS:
-            raise ValueError(f"unknown form {self.form!r}; choose one of {FORMS}")
         width = resolve_width(self.size, self.width, MLP_SIZES, "MLP")
         dtype = precision.layer_dtype(self.dtype)
         x = precision.cast(images.reshape(images.shape[0], -1), dtype)
         x = nn.Dense(width, dtype=dtype, name="embed")(x)
         x = nn.relu(nn.LayerNorm(dtype=dtype, name="embed_ln")(x))
-        tied = Tied(
-            MLPBlock(width, dtype),
-            depth=self.depth,
-            mask_mode=self.mask_mode if self.form == "tied" else "dense",
-            mask=self.mask,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            checkpoint_every=self.checkpoint_every,
-            shared=self.form == "tied",
-            dtype=self.dtype,
-            name="tied",
+        tied = self.tie(MLPBlock(width, dtype), depth=self.depth, name="tied")
+        z, zs = run_tie(
+            tied, jnp.zeros_like(x), x, train=train, depth=depth, return_intermediates=return_intermediates
         )
-        result = tied(
-            jnp.zeros_like(x),
-            x,
-            depth=depth,
-            deterministic=not train,
-            return_intermediates=return_intermediates,
-        )
-        z, zs = result if return_intermediates else (result, None)
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(z))
         out = {"embedding": x, "pre_logits": z}
         if return_intermediates:

@@ -45,11 +45,9 @@ import jax.numpy as jnp
 
 from wtjax.core import precision
 from wtjax.core.conv import Conv
-from wtjax.core.masks import MaskSpec
-from wtjax.core.tied import Tied
 from wtjax.models.mlp import resolve_width
+from wtjax.models.tying import TiedModel, run_tie
 
-FORMS = ("tied", "not_tied")
 RESNET20_SIZES = {"small": 8, "large": 64}
 
 
@@ -103,7 +101,7 @@ class BasicBlock(nn.Module):
         return nn.relu(h + option_a_shortcut(z, self.features, self.strides))
 
 
-class ResNet20(nn.Module):
+class ResNet20(TiedModel):
     """CIFAR ResNet (ResNet-20 by default) with weight-tied stages; returns ``(logits, out)``.
 
     Attributes:
@@ -113,31 +111,21 @@ class ResNet20(nn.Module):
       width: base channels w (stages have w, 2w, 4w); 16 is the original ResNet-20.
       blocks_per_stage: n (ResNet-(6n+2): 3 gives ResNet-20, 5 ResNet-32); the tie of each stage
         replaces its last ``n - 1`` blocks.
-      form: ``not_tied`` (the explicit ResNet, default) or ``tied``.
-      mask_mode: ``dense``, ``same``, ``multi`` or ``dropout`` (tied form; see :class:`Tied`).
-        The not-tied form is always dense.
-      mask: mask kind, density, N:M and seed (applied to the tied blocks' conv kernels only).
       groups: GroupNorm groups.
-      scan: scan (default) or the unrolled reference loop.
-      remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
       conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
-        and logits stay float32.
+      (tie fields: :class:`~wtjax.models.tying.TiedModel`; here ``form`` defaults to ``not_tied``,
+      the explicit ResNet, and ``mask_mode`` to ``dense``; the mask applies to the tied blocks'
+      conv kernels only.)
     """
 
+    form: str = "not_tied"
+    mask_mode: str = "dense"
     num_classes: int = 10
     size: str = "small"
     width: int | None = None
     blocks_per_stage: int = 3
-    form: str = "not_tied"
-    mask_mode: str = "dense"
-    mask: MaskSpec = MaskSpec()
     groups: int = 4
-    scan: bool = True
-    remat_policy: str | None = None
-    checkpoint_every: int | str | None = None  # Tied's depth-memory mode: None, an int or 'sqrt'
     conv_impl: str = "auto"
-    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -156,8 +144,7 @@ class ResNet20(nn.Module):
           ``return_intermediates``, ``block_outputs``: a tuple with one ``(K, B, H_s, W_s, C_s)``
           array per stage (the stages have different shapes).
         """
-        if self.form not in FORMS:
-            raise ValueError(f"unknown form {self.form!r}; choose one of {FORMS}")
+        self.check_form()
         if self.blocks_per_stage < 2:
             raise ValueError(
                 f"blocks_per_stage must be >= 2 (one untied + a tie), got {self.blocks_per_stage}"
@@ -172,20 +159,9 @@ class ResNet20(nn.Module):
             z = BasicBlock(
                 features, 1 if s == 0 else 2, self.groups, self.conv_impl, dtype, name=f"stage{s + 1}_block0"
             )(z)
-            tied = Tied(
-                BasicBlock(features, 1, self.groups, self.conv_impl, dtype),
-                depth=self.blocks_per_stage - 1,
-                mask_mode=self.mask_mode if self.form == "tied" else "dense",
-                mask=self.mask,
-                scan=self.scan,
-                remat_policy=self.remat_policy,
-                checkpoint_every=self.checkpoint_every,
-                shared=self.form == "tied",
-                dtype=self.dtype,
-                name=f"stage{s + 1}_tied",
-            )
-            result = tied(z, depth=depth, deterministic=not train, return_intermediates=return_intermediates)
-            z, zs = result if return_intermediates else (result, None)
+            block = BasicBlock(features, 1, self.groups, self.conv_impl, dtype)
+            tied = self.tie(block, depth=self.blocks_per_stage - 1, name=f"stage{s + 1}_tied")
+            z, zs = run_tie(tied, z, train=train, depth=depth, return_intermediates=return_intermediates)
             outputs.append(zs)
         pooled = jnp.mean(z, axis=(1, 2))
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))

@@ -26,10 +26,8 @@ import jax.numpy as jnp
 
 from wtjax.core import precision
 from wtjax.core.conv import Conv
-from wtjax.core.masks import MaskSpec
-from wtjax.core.tied import Tied
+from wtjax.models.tying import TiedModel, run_tie
 
-FORMS = ("tied", "not_tied")
 SIZES = {"small": 44, "large": 172}
 
 
@@ -56,7 +54,7 @@ class ResidualInjectionBlock(nn.Module):
         return norm("gn3")(nn.relu(z + h))
 
 
-class ResNetLike(nn.Module):
+class ResNetLike(TiedModel):
     """Single-stream ResNet-like classifier; returns ``(logits, out)``.
 
     Attributes:
@@ -64,33 +62,19 @@ class ResNetLike(nn.Module):
       width: channels C of the stem and the tied block (when ``size`` is None).
       size: ``None``, ``'small'`` (C=44) or ``'large'`` (C=172), overriding ``width``.
       depth: reuses K of the block.
-      form: ``tied`` or ``not_tied``.
-      mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (see :class:`Tied`), for
-        the tied form. The not-tied form is always dense: it is the paper's explicit baseline.
-      mask: mask kind, density, N:M and seed.
       groups: GroupNorm groups.
-      scan: scan (default) or the unrolled reference loop.
-      remat_policy: name in ``jax.checkpoint_policies`` or ``None``.
-      checkpoint_every: depth-memory mode of the tie (:class:`~wtjax.core.tied.Tied`): ``None``, an int
-        or ``'sqrt'``.
       conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
-      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`); parameters
-        and logits stay float32.
+      (tie fields ``form``, ``mask_mode``, ``mask``, ``scan``, ``remat_policy``,
+      ``checkpoint_every``, ``dtype``: :class:`~wtjax.models.tying.TiedModel`; the not-tied form
+      is always dense: it is the paper's explicit baseline.)
     """
 
     num_classes: int = 10
     width: int = 64
     size: str | None = None
     depth: int = 8
-    form: str = "tied"
-    mask_mode: str = "multi"
-    mask: MaskSpec = MaskSpec()
     groups: int = 4
-    scan: bool = True
-    remat_policy: str | None = None
-    checkpoint_every: int | str | None = None
     conv_impl: str = "auto"
-    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -102,8 +86,6 @@ class ResNetLike(nn.Module):
           ``(logits, out)``; ``out`` has ``stem``, ``pre_logits`` and, when
           ``return_intermediates``, ``block_outputs`` (the state after each reuse, axis 0).
         """
-        if self.form not in FORMS:
-            raise ValueError(f"unknown form {self.form!r}; choose one of {FORMS}")
         if self.size is not None and self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose one of {sorted(SIZES)} or set width")
         width = SIZES[self.size] if self.size else self.width
@@ -112,26 +94,12 @@ class ResNetLike(nn.Module):
         x = nn.relu(
             precision.norm_class(nn.GroupNorm, dtype)(num_groups=self.groups, dtype=dtype, name="stem_gn")(x)
         )
-        tied = Tied(
-            ResidualInjectionBlock(width, self.groups, self.conv_impl, dtype),
-            depth=self.depth,
-            mask_mode=self.mask_mode if self.form == "tied" else "dense",
-            mask=self.mask,
-            scan=self.scan,
-            remat_policy=self.remat_policy,
-            checkpoint_every=self.checkpoint_every,
-            shared=self.form == "tied",
-            dtype=self.dtype,
-            name="tied",
+        tied = self.tie(
+            ResidualInjectionBlock(width, self.groups, self.conv_impl, dtype), depth=self.depth, name="tied"
         )
-        result = tied(
-            jnp.zeros_like(x),
-            x,
-            depth=depth,
-            deterministic=not train,
-            return_intermediates=return_intermediates,
+        z, zs = run_tie(
+            tied, jnp.zeros_like(x), x, train=train, depth=depth, return_intermediates=return_intermediates
         )
-        z, zs = result if return_intermediates else (result, None)
         pooled = jnp.mean(z, axis=(1, 2))
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(pooled))
         out = {"stem": x, "pre_logits": pooled}

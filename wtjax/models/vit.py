@@ -158,21 +158,13 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
-        if self.classifier not in ("token", "gap"):
-            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
         if images.ndim != 4:
             raise ValueError(f"ViT expects NHWC images, got shape {images.shape}")
         p = self.patch_size
         if images.shape[1] % p or images.shape[2] % p:
             raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch_size={p}")
         dtype = precision.layer_dtype(self.dtype)
-        embed = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")
-        x = embed(precision.cast(images, dtype))
-        n, h, w, c = x.shape
-        x = x.reshape(n, h * w, c)
-        if self.classifier == "token":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+        x = embed_patches(self, images, dtype)
         encoder = Encoder(
             self.depth,
             self.mlp_dim,
@@ -192,6 +184,25 @@ class ViT(nn.Module):
         if self.num_classes:
             x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=dtype, name="head")(x)
         return precision.upcast(x), out
+
+
+def embed_patches(module: nn.Module, images, dtype):
+    """Patch embedding ``embedding`` (and the ``cls`` token if ``classifier='token'``) in ``module``'s
+    compact scope: ``(B, tokens, width)`` in ``dtype``.
+
+    ``module`` needs ``patch_size``, ``width`` and ``classifier`` (``'token'`` or ``'gap'``).
+    """
+    if module.classifier not in ("token", "gap"):
+        raise ValueError(f"classifier must be 'token' or 'gap', got {module.classifier!r}")
+    p = module.patch_size
+    embed = nn.Conv(module.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding")
+    x = embed(precision.cast(images, dtype))
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    if module.classifier == "token":
+        cls = module.param("cls", nn.initializers.zeros, (1, 1, c))
+        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    return x
 
 
 class Encoder(nn.Module):

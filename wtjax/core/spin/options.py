@@ -1,7 +1,8 @@
 """SPIN sharing options shared by the isotropic models (ConvMixer, CCT, shared ViT).
 
-Every model with a stack of identical layers exposes the same config-friendly fields and turns
-them into :class:`wtjax.core.tied.Tied` arguments here, so there is one implementation of tying:
+Every model with a stack of identical layers exposes the same config-friendly fields (declared
+once, by :class:`wtjax.models.tying.SpinModel`) and turns them into :class:`wtjax.core.tied.Tied`
+arguments here, so there is one implementation of tying:
 
 * ``form``: ``not_tied`` (one parameter set per layer), ``tied`` (one set reused by every layer,
   optionally multi-masked) or ``shared`` (a SPIN topology: ``depth / share_rate`` sets);
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from wtjax.core.spin import sharing
-from wtjax.core.tied import fold_fusion
+from wtjax.core.spin.view import fold_fusion
 
 FORMS = ("not_tied", "tied", "shared")
 

@@ -1,8 +1,8 @@
 """SPIN cross-layer parameter sharing: topologies, per-layer affine transforms and weight fusion.
 
 Pure functions (numpy for the static topology, ``jax.numpy`` for the weight maths); no Flax. The
-tying itself lives in :class:`wtjax.core.tied.Tied` (field ``weight_map``), which calls the functions
-here inside its per-reuse parameter view.
+tying itself lives in :class:`wtjax.core.tied.Tied` (field ``weight_map``), whose SPIN parameter
+view (:class:`wtjax.core.spin.view.SpinView`) calls the functions here for every reuse.
 
 **Topology** (SPIN, Lin et al. 2022, Section 3.2 and Figure 2). A network of ``L`` layers with
 ``P`` distinct weight sets is described by its *layer-to-weight map* ``m``: a tuple of ``L`` ints,
