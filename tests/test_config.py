@@ -189,4 +189,4 @@ def test_inherited_tie_fields_are_config_fields_with_each_familys_defaults(name,
         assert key in m, key
     for key, value in defaults.items():
         assert m[key] == value, key
-    assert cs.build_model(m, 10) == cs.build_model(cs.model_config(name, **defaults), 10)
+    assert cs.model_from_config(m, 10) == cs.model_from_config(cs.model_config(name, **defaults), 10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,23 @@ def test_every_module_imports_in_one_process_without_side_effects():
         result["modules"]
     )
     assert result["backend"] == "svg"
+
+
+def test_the_architecture_doc_names_every_module_and_only_existing_ones():
+    """``docs/architecture.md`` matches the code: each module it names exists, and every module of
+    the package (``__init__`` files aside) is named. In a line, ``x.py`` after ``wtjax/dir/...``
+    means ``wtjax/dir/x.py``."""
+    named = set()
+    for line in (PACKAGE.parent / "docs" / "architecture.md").read_text().splitlines():
+        folder = None
+        for token in re.findall(r"`([\w/]+\.py)`", line):
+            if token.startswith("wtjax/"):
+                folder = token.rpartition("/")[0]
+                named.add(token)
+            elif folder is not None:
+                named.add(f"{folder}/{token}")
+    missing = sorted(p for p in named if not (PACKAGE.parent / p).is_file())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+    every = {str(p.relative_to(PACKAGE.parent)) for p, _ in modules() if p.name != "__init__.py"}
+    undocumented = sorted(every - named)
+    assert not undocumented, f"modules missing from docs/architecture.md: {undocumented}"

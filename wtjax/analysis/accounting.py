@@ -212,6 +212,12 @@ def tied_site_accounting(params, site: TiedSite, masks=None) -> dict:
     else:
         per_reuse = _generated_masks(_subtree(params, block_path), site, block_path)
         info["mask"] = {"kind": site.mask.kind, "density": site.mask.effective_density}
+    info.update(_masked_counts(stored, per_reuse, site))
+    return info
+
+
+def _masked_counts(stored: int, per_reuse: list[dict], site: TiedSite) -> dict:
+    """The counts of a masked tie from its per-reuse masks (``stored``: parameters under the tie)."""
     union = {p: np.logical_or.reduce([m[p].astype(bool) for m in per_reuse]) for p in per_reuse[0]}
     sizes = {p: m.size for p, m in union.items()}
     n_masked = sum(sizes.values())
@@ -223,7 +229,7 @@ def tied_site_accounting(params, site: TiedSite, masks=None) -> dict:
         d = site.mask.effective_density
         active = sum(_kept(site.mask, n) for n in sizes.values())
     used = stored - n_masked + int(sum(int(m.sum()) for m in union.values()))
-    info.update(
+    return dict(
         masked_params=n_masked,
         active_per_reuse=stored - n_masked + active,
         used=used,
@@ -233,7 +239,6 @@ def tied_site_accounting(params, site: TiedSite, masks=None) -> dict:
         if site.mask_mode == "stored"
         else stored - n_masked + n_masked * (1.0 - (1.0 - d) ** len(per_reuse)),
     )
-    return info
 
 
 def flops_per_image(

@@ -251,19 +251,8 @@ def solve(f, z0: jax.Array, cfg: SolverConfig = FORWARD_DEFAULT, *, differentiab
     init, step = _IMPLS[cfg.solver]
     score = (lambda a, r: a) if cfg.stop_mode == "abs" else (lambda a, r: r)
 
-    state, z, fz = init(z0.reshape(batch, -1), flat_f, cfg)
-    abs0, rel0 = _residuals(z, fz)
-    nan_trace = jnp.full((cfg.max_iter, batch), jnp.nan, abs0.dtype)
-    carry0 = dict(
-        k=jnp.asarray(1, jnp.int32),
-        state=state,
-        best_z=z,
-        best_abs=abs0,
-        best_rel=rel0,
-        abs_trace=nan_trace.at[0].set(abs0),
-        rel_trace=nan_trace.at[0].set(rel0),
-        diverged=~jnp.all(jnp.isfinite(abs0)),
-    )
+    carry0 = _initial_carry(init(z0.reshape(batch, -1), flat_f, cfg), cfg.max_iter)
+    abs0 = carry0["best_abs"]
 
     def done(c):
         converged = jnp.max(score(c["best_abs"], c["best_rel"])) <= cfg.tol
@@ -303,3 +292,20 @@ def solve(f, z0: jax.Array, cfg: SolverConfig = FORWARD_DEFAULT, *, differentiab
         diverged=c["diverged"],
     )
     return c["best_z"].reshape(shape), stats
+
+
+def _initial_carry(initialised, max_iter: int) -> dict:
+    """The solver loop's carry after the first iterate: best so far, residual traces, divergence."""
+    state, z, fz = initialised
+    abs0, rel0 = _residuals(z, fz)
+    nan_trace = jnp.full((max_iter, z.shape[0]), jnp.nan, abs0.dtype)
+    return dict(
+        k=jnp.asarray(1, jnp.int32),
+        state=state,
+        best_z=z,
+        best_abs=abs0,
+        best_rel=rel0,
+        abs_trace=nan_trace.at[0].set(abs0),
+        rel_trace=nan_trace.at[0].set(rel0),
+        diverged=~jnp.all(jnp.isfinite(abs0)),
+    )
