@@ -185,3 +185,25 @@ def test_the_architecture_doc_names_every_module_and_only_existing_ones():
     every = {str(p.relative_to(PACKAGE.parent)) for p, _ in modules() if p.name != "__init__.py"}
     undocumented = sorted(every - named)
     assert not undocumented, f"modules missing from docs/architecture.md: {undocumented}"
+
+
+def test_old_flat_paths_are_the_new_modules_with_a_deprecation_warning():
+    """``import wtjax.tied`` (0.1 layout) gives the very module ``wtjax.core.tied``, warning once."""
+    result = json.loads(
+        _python(
+            "import importlib, json, warnings\n"
+            "from wtjax import _moved\n"
+            "out = {}\n"
+            "for old, new in _moved.MOVED.items():\n"
+            "    with warnings.catch_warnings(record=True) as caught:\n"
+            "        warnings.simplefilter('always')\n"
+            "        module = importlib.import_module(old)\n"
+            "    target = importlib.import_module(new)\n"
+            "    out[old] = [module is target, target.__spec__.name == new,\n"
+            "                any(new in str(w.message) for w in caught\n"
+            "                    if w.category is DeprecationWarning)]\n"
+            "print(json.dumps(out))"
+        )
+    )
+    assert set(result) == set(_moved.MOVED)
+    assert all(all(checks) for checks in result.values()), result
