@@ -6,6 +6,8 @@ differ only by the order of floating-point reductions (compared with a tolerance
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -97,3 +99,33 @@ def test_two_processes_match_one_process(tmp_path, single_device_run):
         assert float(accuracy) == pytest.approx(one["eval/accuracy"])
         assert float(count) == one["eval/num_examples"]
     assert_trees_equal(read_params(workdir), read_params(one_dir), rtol=RTOL, atol=ATOL)
+
+
+def _devices_after_use_cpu_cores(batch_sizes, code_before="", **env) -> list:
+    code = textwrap.dedent(
+        f"""
+        import json, jax
+        from wtjax.job import parallel
+        {code_before}
+        count = parallel.use_cpu_cores({batch_sizes!r})
+        print(json.dumps([count, len(jax.devices("cpu"))]))
+        """
+    )
+    child_env = subprocess_env(**env)
+    if "JAX_NUM_CPU_DEVICES" not in env:
+        del child_env["JAX_NUM_CPU_DEVICES"]  # the library's default, not the tests' one device
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_job_uses_one_cpu_device_per_core_unless_told_otherwise():
+    cores = len(os.sched_getaffinity(0))
+    expected = max(d for d in range(1, cores + 1) if 12 % d == 0 and 8 % d == 0)
+    assert _devices_after_use_cpu_cores((12, 8)) == [expected, expected]
+    prime = 7 if cores >= 7 else 1  # a prime batch: one device unless there are as many cores
+    assert _devices_after_use_cpu_cores((7,)) == [prime, prime]
+    # The user's choice wins; after a computation the backends are fixed and nothing changes.
+    assert _devices_after_use_cpu_cores((12,), JAX_NUM_CPU_DEVICES=3) == [None, 3]
+    assert _devices_after_use_cpu_cores((12,), "jax.numpy.ones(1).block_until_ready()") == [None, 1]

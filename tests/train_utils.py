@@ -96,6 +96,7 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("JAX_NUM_CPU_DEVICES", "1")  # the job's default is one device per core
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.update({k: str(v) for k, v in extra.items()})
     return env

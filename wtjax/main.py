@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wtjax.job import preemption, train
+from wtjax.job import parallel, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True
@@ -31,6 +31,10 @@ def main(argv):
         # orbax logs every save at INFO; keep the console for the job's own lines.
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    if config.distributed.num_processes in (None, 1) and not config.distributed.auto:
+        # Before JAX runs anything; JAX_NUM_CPU_DEVICES=1 opts out (see use_cpu_cores).
+        micro_batch = config.batch_size // config.grad_accum_steps
+        parallel.use_cpu_cores((micro_batch, config.eval_batch_size or config.batch_size))
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         train.train_and_evaluate(config, workdir)

@@ -9,6 +9,7 @@ its own slice of the global batch and :func:`global_batch` assembles the global 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -45,6 +46,36 @@ def initialize_distributed(dist_config) -> None:
         num_processes=num,
         process_id=dist_config.process_id,
     )
+
+
+def use_cpu_cores(batch_sizes: Sequence[int] = ()) -> int | None:
+    """One CPU device per core this process may use, unless a count was chosen; call before JAX runs.
+
+    XLA:CPU runs much of a training step on one core; data parallelism over one CPU device per
+    core uses them all (results equal one device's up to the order of float reductions). Only the
+    CPU backend's device count changes, so this is harmless on GPU/TPU hosts, where the mesh is
+    built over the accelerators.
+
+    Args:
+      batch_sizes: sizes every device must get an equal share of (the job's per-micro-batch and
+        eval batch sizes): the count is the largest one up to the number of cores dividing them all.
+
+    Returns:
+      The device count set, or ``None`` when left alone: ``JAX_NUM_CPU_DEVICES`` (or
+      ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``) or ``jax_num_cpu_devices`` was
+      set by the user, or a JAX computation already ran (the backends are fixed by then).
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if jax.config.values["jax_num_cpu_devices"] != -1:  # JAX_NUM_CPU_DEVICES or jax.config.update
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = max(d for d in range(1, cores + 1) if all(n % d == 0 for n in batch_sizes))
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # "should be updated before backends are initialized"
+        return None
+    return count
 
 
 def create_mesh(num_devices: int | None = None) -> Mesh:
