@@ -68,7 +68,7 @@ def load_flax_params(twin: TiedResNetTwin, params) -> None:
     block = p["tied"]["block"]
 
     def put(param, value, conv=False):
-        value = np.asarray(value)
+        value = np.array(value)  # a writable host copy
         param.data.copy_(torch.as_tensor(value.transpose(3, 2, 0, 1) if conv else value))
 
     def put_norm(norm, tree):
