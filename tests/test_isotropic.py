@@ -30,7 +30,8 @@ def count(model, size=8):
 
 def train_losses(model, steps=2):
     """Losses of a few Adam steps on one fixed batch (dropout on): they must go down."""
-    params = model.init(jax.random.PRNGKey(1), IMAGES)["params"]
+    # Jitted: an eager init dispatches the scanned blocks op by op, slower than compiling them.
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), IMAGES)["params"]
     opt = optax.adam(3e-3)
     state = opt.init(params)
 

@@ -278,9 +278,10 @@ def test_checkpointed_depth_memory_keeps_every_family_s_gradients(name, fields):
     plain = build_model(name, num_classes=4, **fields)
     segmented = build_model(name, num_classes=4, checkpoint_every=2, **fields)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
-    params = plain.init(jax.random.PRNGKey(1), images)
+    # Jitted: op-by-op dispatch of the scans (eager init and grad) cost more than compiling them.
+    params = jax.jit(plain.init)(jax.random.PRNGKey(1), images)
 
     def grads(model):
-        return jax.grad(lambda p: jnp.sum(model.apply(p, images, train=False)[0]))(params)
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images, train=False)[0])))(params)
 
     chex.assert_trees_all_close(grads(segmented), grads(plain), atol=1e-5, rtol=1e-4)
