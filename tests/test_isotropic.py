@@ -124,25 +124,30 @@ def test_shared_form_trains(name, fields, extra):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+def _jit_logits(model, params):
+    return jax.jit(lambda p: model.apply({"params": p}, IMAGES)[0])(params)
+
+
 @pytest.mark.parametrize("name, fields", [("convmixer", TINY)])  # vit_shared: same spin helpers
 def test_fusion_from_not_tied_reproduces_it_and_export_is_exact(name, fields):
     not_tied = build_model(name, form="not_tied", **fields)
     fused = build_model(name, form="shared", fusion="channel", **fields)  # SPIN's best (Table 3)
     tie = "mixer" if name == "convmixer" else "encoder"
-    pre = not_tied.init(jax.random.PRNGKey(0), IMAGES)["params"]
+    # init/apply jitted (eager dispatch of the scans is slower); from_not_tied/export_fused are not.
+    pre = jax.jit(not_tied.init)(jax.random.PRNGKey(0), IMAGES)["params"]
     # Identical layers within each sharing group (0,0,1,1): fusing them loses nothing.
     pre[tie] = jax.tree.map(lambda v: v[jnp.array([0, 0, 2, 2])], pre[tie])
-    params = fused.from_not_tied(fused.init(jax.random.PRNGKey(1), IMAGES)["params"], pre)
-    ref, _ = not_tied.apply({"params": pre}, IMAGES)
-    np.testing.assert_allclose(fused.apply({"params": params}, IMAGES)[0], ref, rtol=1e-4, atol=1e-5)
+    params = fused.from_not_tied(jax.jit(fused.init)(jax.random.PRNGKey(1), IMAGES)["params"], pre)
+    ref = _jit_logits(not_tied, pre)
+    np.testing.assert_allclose(_jit_logits(fused, params), ref, rtol=1e-4, atol=1e-5)
     # After (simulated) training the fusion weights are not the identity; export folds them.
     params[tie]["fusion"] = jax.tree.map(lambda a: a * 1.3 + 0.1, params[tie]["fusion"])
     export_model, exported = fused.export_fused(params)
     assert export_model.fusion == "none" and "fusion" not in exported[tie]
     assert n_params(exported) < n_params(params)
     np.testing.assert_allclose(
-        export_model.apply({"params": exported}, IMAGES)[0],
-        fused.apply({"params": params}, IMAGES)[0],
+        _jit_logits(export_model, exported),
+        _jit_logits(fused, params),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -169,9 +174,14 @@ def test_not_tied_form_is_dense_whatever_the_mask_mode(name, fields):
     only; the not-tied stack is the explicit (dense) baseline."""
     dense = build_model(name, form="not_tied", mask_mode="dense", **fields)
     masked = build_model(name, form="not_tied", mask_mode="multi", **fields)
-    variables = dense.init(jax.random.PRNGKey(0), IMAGES)
-    np.testing.assert_array_equal(dense.apply(variables, IMAGES)[0], masked.apply(variables, IMAGES)[0])
+    # Jitted: eager init/apply dispatch the scanned blocks op by op, slower than compiling them.
+    variables = jax.jit(dense.init)(jax.random.PRNGKey(0), IMAGES)
+
+    def logits(model, variables):
+        return jax.jit(lambda v: model.apply(v, IMAGES)[0])(variables)
+
+    np.testing.assert_array_equal(logits(dense, variables), logits(masked, variables))
     tied = build_model(name, form="tied", mask_mode="dense", **fields)
-    tied_vars = tied.init(jax.random.PRNGKey(0), IMAGES)
+    tied_vars = jax.jit(tied.init)(jax.random.PRNGKey(0), IMAGES)
     multi = build_model(name, form="tied", mask_mode="multi", **fields)
-    assert not np.allclose(tied.apply(tied_vars, IMAGES)[0], multi.apply(tied_vars, IMAGES)[0])
+    assert not np.allclose(logits(tied, tied_vars), logits(multi, tied_vars))
