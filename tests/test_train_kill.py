@@ -15,6 +15,7 @@ import time
 from train_utils import (
     ROOT,
     assert_trees_equal,
+    cache_env,
     checkpoint_steps,
     read_params,
     run_main,
@@ -32,11 +33,15 @@ FLAGS = [
 
 
 def test_kill_mid_save_then_rerun_matches_uninterrupted(tmp_path):
+    # The three runs compile the same programs: the first compiles them into a shared persistent
+    # cache and the rerun and the reference load them (the same executables, so bitwise equality
+    # still compares one program's results), which saves two compilations.
+    env = subprocess_env(**cache_env(tmp_path / "xla_cache"))
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "wtjax.main", *FLAGS, f"--workdir={workdir}"],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -57,7 +62,7 @@ def test_kill_mid_save_then_rerun_matches_uninterrupted(tmp_path):
     complete = checkpoint_steps(workdir)
     assert complete and max(complete) < STEPS
 
-    rerun = run_main([*FLAGS, f"--workdir={workdir}"], timeout=300)
+    rerun = run_main([*FLAGS, f"--workdir={workdir}"], timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from checkpoint at step {max(complete)}" in rerun.stdout
     assert not [p for p in ckpts.iterdir() if "tmp" in p.name]
@@ -66,6 +71,6 @@ def test_kill_mid_save_then_rerun_matches_uninterrupted(tmp_path):
     # equality is a promise about one program on one machine configuration (XLA:CPU's thread
     # partitioning of reductions can differ between processes with different device counts).
     reference = tmp_path / "straight"
-    straight = run_main([*FLAGS, f"--workdir={reference}"], timeout=300)
+    straight = run_main([*FLAGS, f"--workdir={reference}"], timeout=300, env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_trees_equal(read_params(workdir, STEPS), read_params(reference, STEPS))

@@ -16,7 +16,15 @@ import threading
 import time
 
 import pytest
-from train_utils import ROOT, assert_trees_equal, checkpoint_steps, read_params, run_main, subprocess_env
+from train_utils import (
+    ROOT,
+    assert_trees_equal,
+    cache_env,
+    checkpoint_steps,
+    read_params,
+    run_main,
+    subprocess_env,
+)
 
 from wtjax.job import preemption
 
@@ -29,11 +37,11 @@ FLAGS = [
 ]
 
 
-def _main(workdir) -> subprocess.Popen:
+def _main(workdir, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "wtjax.main", *FLAGS, f"--workdir={workdir}"],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=env or subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,8 +50,11 @@ def _main(workdir) -> subprocess.Popen:
 
 def test_sigterm_saves_the_step_reached_exits_0_and_the_rerun_matches(tmp_path):
     preempted, reference = tmp_path / "preempted", tmp_path / "straight"
+    # The preempted run compiles into a persistent cache that the rerun loads the same programs
+    # from (one compilation saved); the reference, running alongside, compiles on its own.
+    cached = subprocess_env(**cache_env(tmp_path / "xla_cache"))
     straight = _main(reference)  # the uninterrupted run, alongside
-    proc = _main(preempted)
+    proc = _main(preempted, cached)
     try:
         first_record = preempted / "metrics.jsonl"  # written after the first step
         deadline = time.time() + 120
@@ -62,7 +73,7 @@ def test_sigterm_saves_the_step_reached_exits_0_and_the_rerun_matches(tmp_path):
         assert not [p for p in (preempted / "checkpoints").iterdir() if "tmp" in p.name]
         assert not (preempted / "summary.json").exists()
 
-        rerun = run_main([*FLAGS, f"--workdir={preempted}"], timeout=300)
+        rerun = run_main([*FLAGS, f"--workdir={preempted}"], timeout=300, env=cached)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resumed from checkpoint at step {step}" in rerun.stdout
         _, straight_err = straight.communicate(timeout=300)

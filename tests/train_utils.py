@@ -102,12 +102,25 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def run_main(args: list[str], *, timeout: float = 240, **popen_kwargs) -> subprocess.CompletedProcess:
-    """``python -m wtjax.main <args>`` in a subprocess (from the repository root)."""
+def cache_env(directory) -> dict:
+    """Environment variables giving child processes one persistent XLA compilation cache: runs of
+    the same config in one test then compile once and load the program afterwards."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0,
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
+    }
+
+
+def run_main(
+    args: list[str], *, timeout: float = 240, env: dict | None = None, **popen_kwargs
+) -> subprocess.CompletedProcess:
+    """``python -m wtjax.main <args>`` in a subprocess (from the repository root); ``env``
+    defaults to :func:`subprocess_env`."""
     return subprocess.run(
         [sys.executable, "-m", "wtjax.main", *args],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
