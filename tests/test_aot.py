@@ -63,20 +63,34 @@ def _im2col_kernel_grads(impl: str, devices) -> int:
     """How many im2col kernel gradients (the input seen as ``(Ci, H, W, N)``: a transpose with
     dims [3, 1, 2, 0]) the step's program lowered for ``devices`` contains."""
     mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
-    step, args = aot.abstract_step_args(_resnet(batch=16, conv_impl=impl), mesh, *CIFAR)
+    step, args = aot.abstract_step_args(_resnet(batch=16, conv_impl=impl, unroll=1), mesh, *CIFAR)
     text = parallel.jit_train_step(step, mesh).lower(*args).as_text()
     return len(re.findall(r"dims = \[3, 1, 2, 0\]", text))
 
 
 def test_auto_convolutions_follow_the_target_not_the_host(tpu, gpu):
     """On a CPU host, 'auto' lowers to XLA's native convolutions for TPU and GPU targets and to the
-    im2col workaround for CPU (3 tied/stem convs: 3 kernel gradients)."""
+    im2col workaround for CPU (3 tied/stem convs in a scanned program: 3 kernel gradients)."""
     assert _im2col_kernel_grads("im2col", tpu) == 3
     assert _im2col_kernel_grads("auto", tpu) == _im2col_kernel_grads("auto", gpu) == 0
     assert _im2col_kernel_grads("auto", jax.devices()[:1]) == 3
     report = aot.compile_train_step(_resnet(batch=16), gpu, *CIFAR)
     assert report.platform == "gpu" and report.host_callbacks == []
     assert report.peak_bytes < 80e9  # the GPU compiler does not refuse what does not fit: check
+
+
+def test_accelerator_programs_keep_the_scan_on_a_cpu_host(tpu):
+    """The families' default unroll follows the target: a TPU program keeps the tie's while loop
+    although the host (CPU) would unroll this shallow tie."""
+
+    def whiles(devices, **model):  # mask generation has loops of its own: compare with a real scan
+        mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+        step, args = aot.abstract_step_args(_resnet(batch=16, **model), mesh, *CIFAR)
+        return parallel.jit_train_step(step, mesh).lower(*args).as_text().count("stablehlo.while")
+
+    assert whiles(tpu) == whiles(tpu, unroll=1)
+    host = jax.devices()[:1]
+    assert whiles(host) < whiles(host, unroll=1)
 
 
 def test_sqrt_checkpointing_keeps_memory_flat_in_depth(tpu):
@@ -114,6 +128,7 @@ def test_two_host_slice_feeds_each_process_its_own_rows(tpu):
 def test_jaxpr_flops_counts_every_reuse_like_the_unrolled_program():
     """On CPU: the scanned step's jaxpr FLOPs equal XLA's count of the unrolled program's convs/dots."""
     config = _resnet("width=8,depth=3", 8)
+    config.model.unroll = 1  # a real scan (the CPU default would unroll this shallow tie)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
     scanned = aot.jaxpr_flops(*_step_and_args(config, mesh))
     config.model.scan = False

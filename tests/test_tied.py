@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from wtjax import MaskSpec, Tied, apply_masks, masks_for
+from wtjax.core.tied import CPU_UNROLL_MAX_DEPTH, default_unroll
 from wtjax.models.resnet_like import ResNetLike
 
 K = 4
@@ -135,10 +136,11 @@ def test_parameter_count_is_independent_of_depth():
     assert count(2) == count(5) == count(9)
 
 
-def test_resnet_like_scan_equals_unrolled_with_masks():
+@pytest.mark.parametrize("unroll", [1, None])  # a while loop, and the default (unrolled on CPU)
+def test_resnet_like_scan_equals_unrolled_with_masks(unroll):
     images = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 3))
     mask = MaskSpec(kind="nm", seed=1)
-    model = ResNetLike(width=8, depth=3, mask_mode="multi", mask=mask)
+    model = ResNetLike(width=8, depth=3, mask_mode="multi", mask=mask, unroll=unroll)
     # Everything jitted: eager init/apply/grad dispatch the scan op by op, slower than compiling.
     params = jax.jit(model.init)(jax.random.PRNGKey(0), images)
     ref = ResNetLike(width=8, depth=3, mask_mode="multi", mask=mask, scan=False)
@@ -151,6 +153,24 @@ def test_resnet_like_scan_equals_unrolled_with_masks():
 
     _close(apply(model), apply(ref), 1e-4)
     _close(grad(model), grad(ref), 1e-4)
+
+
+def test_default_unroll_unrolls_shallow_ties_on_cpu_only():
+    """The families' default: no while loop for a shallow tie on CPU; a scan on GPU/TPU and deep ties."""
+    assert default_unroll(CPU_UNROLL_MAX_DEPTH, "cpu") is True
+    assert default_unroll(CPU_UNROLL_MAX_DEPTH + 1, "cpu") == 1
+    assert default_unroll(2, "tpu") == default_unroll(2, "cuda") == 1
+    images = jnp.zeros((1, 8, 8, 3))
+
+    def whiles(depth, unroll):  # mask generation has loops of its own: compare with a real scan
+        model = ResNetLike(width=4, depth=depth, unroll=unroll)
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+        return jax.jit(model.apply).lower(variables, images).as_text().count("stablehlo.while")
+
+    assert jax.default_backend() == "cpu"
+    assert whiles(3, None) == whiles(3, 1) - 1
+    deep = CPU_UNROLL_MAX_DEPTH + 1
+    assert whiles(deep, None) == whiles(deep, 1)
 
 
 def test_not_tied_scan_equals_unrolled_separate_blocks():

@@ -86,7 +86,9 @@ class Tied(nn.Module):
         (default ``'nothing_saveable'``). Memory ``O(depth / n + n)`` carries, about one
         extra forward pass of compute. Needs ``scan=True`` and ``shared=True``. Same outputs and
         gradients as the plain scan (``dropout`` mode draws its masks in another order).
-      unroll: ``lax.scan`` unroll factor (scan mode only).
+      unroll: ``lax.scan`` unroll factor (scan mode only); ``True`` unrolls every reuse into one
+        loop-free program (compile time grows with the depth); ``None``: :func:`default_unroll`
+        for the depth being run (the model families' default).
       shared: ``True`` ties the parameters. ``False`` is the not-tied baseline through the same
         code path: ``depth`` independent parameter sets, stacked on a leading axis of size
         ``depth`` in scan mode (``variable_axes={'params': 0}``) or held by ``depth`` separate
@@ -118,7 +120,7 @@ class Tied(nn.Module):
     scan: bool = True
     remat_policy: str | None = None
     checkpoint_every: int | str | None = None
-    unroll: int = 1
+    unroll: int | bool | None = 1
     shared: bool = True
     weight_map: tuple[int, ...] | None = None
     share_predicate: Callable[[tuple[str, ...], Any], bool] | None = None
@@ -200,7 +202,8 @@ class Tied(nn.Module):
             return _checkpointed_scan(step, own, z, depth, segment, args)
         if self.scan:
             axes = _TIED_SCAN if self.shared else _NOT_TIED_SCAN
-            return _scan_reuses(step, own, z, 0, depth, args, unroll=self.unroll, axes=axes)
+            unroll = default_unroll(depth) if self.unroll is None else self.unroll
+            return _scan_reuses(step, own, z, 0, depth, args, unroll=unroll, axes=axes)
         if self.shared:
             blocks = [own] * depth
         else:
@@ -246,6 +249,25 @@ class Tied(nn.Module):
         scope = self.path + ("block",)
         masked = self._mask_view()(params, variables.get("masks"), reuse_index, dropout_rng, scope)
         return {**variables, "params": masked}
+
+
+def default_unroll(depth: int, backend: str | None = None) -> int | bool:
+    """The scan unroll the model families use when none is given: the tie fully unrolled on CPU
+    up to :data:`CPU_UNROLL_MAX_DEPTH` reuses, an ordinary scan (``1``) otherwise.
+
+    Why: XLA:CPU zero-fills the stacked per-reuse residual buffers of a scan's backward pass and
+    copies every reuse's residuals in and out of them; in a profiled ResNet-like training step
+    (C=32, K=4, batch 128) that was ~20% of the step, and the fully unrolled step ran 0.80-0.87x
+    the scanned one at the same compile time (experiments/benchmarks/README.md). Deeper ties
+    compile more slowly unrolled (K=16: ~1.6x). GPU and TPU keep the scan, which their compilers
+    handle in place. ``backend``: the platform compiled for (default ``jax.default_backend()``);
+    a program compiled ahead of time for an accelerator on a CPU host must pass it.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return True if backend == "cpu" and depth <= CPU_UNROLL_MAX_DEPTH else 1
+
+
+CPU_UNROLL_MAX_DEPTH = 8
 
 
 def segment_length(checkpoint_every: int | str, depth: int) -> int:

@@ -33,6 +33,9 @@ class TiedModel(nn.Module):
         for the tied (and shared) forms; the not-tied form is always dense.
       mask: mask kind, density, N:M and seed (:class:`wtjax.core.masks.MaskSpec`).
       scan: scan (default) or the unrolled reference loop.
+      unroll: the scan's unroll factor (``True``: fully unrolled); ``None`` (default) takes
+        :func:`wtjax.core.tied.default_unroll` for the depth run and the backend traced on (fully
+        unrolled on CPU up to depth 8, where it is faster; a scan on GPU/TPU).
       remat_policy: a name in ``jax.checkpoint_policies`` or ``None``.
       checkpoint_every: the tie's depth-memory mode: ``None``, an int or ``'sqrt'``.
       dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (:mod:`wtjax.core.precision`);
@@ -43,6 +46,7 @@ class TiedModel(nn.Module):
     mask_mode: str = "multi"
     mask: MaskSpec = MaskSpec()
     scan: bool = True
+    unroll: int | bool | None = None
     remat_policy: str | None = None
     checkpoint_every: int | str | None = None
     dtype: str = "float32"
@@ -67,6 +71,7 @@ class TiedModel(nn.Module):
             mask_mode="dense" if self.form == "not_tied" else self.mask_mode,
             mask=self.mask,
             scan=self.scan,
+            unroll=self.unroll,
             remat_policy=self.remat_policy,
             checkpoint_every=self.checkpoint_every,
             dtype=self.dtype,

@@ -93,6 +93,18 @@ class AotReport:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"}
 
 
+def _for_platform(model, mesh: Mesh):
+    """``model`` with the tie's default unroll of the platform compiled for, not of this host.
+
+    A family's ``unroll=None`` resolves through :func:`wtjax.core.tied.default_unroll` on the
+    backend it is traced on; on a CPU host compiling for an accelerator that would be the CPU's
+    (unrolled) choice. Accelerators take the scan (``1``).
+    """
+    if getattr(model, "unroll", 1) is None and mesh.devices.flat[0].platform != "cpu":
+        return model.clone(unroll=1)
+    return model
+
+
 def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_classes: int):
     """``(train_step, args)``: the job's step for ``config`` and its abstract arguments on ``mesh``.
 
@@ -101,7 +113,7 @@ def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_class
     schedule is built for a nominal 10^6-step run (its length does not change the program).
     Arrays are ``jax.ShapeDtypeStruct`` with the job's shardings.
     """
-    model = config_schema.model_from_config(config.model, num_classes)
+    model = _for_platform(config_schema.model_from_config(config.model, num_classes), mesh)
     tx, schedule = optim.create_optimizer(config.optim, total_steps=10**6, steps_per_epoch=100)
     key = jax.random.PRNGKey(config.seed)
     image_shape = tuple(image_shape)
