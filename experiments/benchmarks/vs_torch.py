@@ -12,7 +12,7 @@ masks at density 0.5, Adam lr 1e-3, batch 128 of random 32x32x3 images) and run 
 After a warm-up (compilation) the two alternate round by round (order reversed every other round),
 each timing ``--steps`` steps; medians over all timed steps. Needs the ``bench`` extra.
 
-    python -m experiments.benchmarks.vs_torch --shapes=32x4,64x8,16x8 --steps=3 --rounds=2
+    python -m experiments.benchmarks.vs_torch --shapes=32x4,64x8,16x8 --steps=3 --rounds=2 --scan_too
 """
 
 from __future__ import annotations
@@ -38,9 +38,14 @@ from wtjax.job import steps  # noqa: E402
 from wtjax.models.resnet_like import ResNetLike  # noqa: E402
 
 
-def wtjax_steps(width: int, depth: int, batch: int):
-    """``(train, evaluate, model, params)``: zero-argument callables timing one step each."""
-    model = ResNetLike(width=width, depth=depth, mask_mode="multi", mask=MaskSpec("unstructured", 0.5))
+def wtjax_steps(width: int, depth: int, batch: int, unroll: int | None = None):
+    """``(train, evaluate, model, params, host batch)``: zero-argument callables timing one step each.
+
+    ``unroll``: the tie's scan unroll (``None``: the model's default, :func:`wtjax.core.tied.default_unroll`).
+    """
+    model = ResNetLike(
+        width=width, depth=depth, mask_mode="multi", mask=MaskSpec("unstructured", 0.5), unroll=unroll
+    )
     tx = optax.adam(1e-3)
     mesh = parallel.create_mesh()
     init_state = steps.make_init_state(model, tx, (32, 32, 3), jax.random.PRNGKey(0))
@@ -105,6 +110,8 @@ def compare(width: int, depth: int, args) -> dict:
     """Median train-step and eval-forward seconds of both frameworks at one shape, interleaved."""
     jax_train, jax_eval, model, params, host = wtjax_steps(width, depth, args.batch)
     runners = {"wtjax": (jax_train, jax_eval), "torch": torch_steps(model, params, host)}
+    if args.scan_too:  # the tie as a while loop (unroll=1), the default before unrolling on CPU
+        runners["wtjax scan"] = wtjax_steps(width, depth, args.batch, unroll=1)[:2]
     times = {(fw, kind): [] for fw in runners for kind in ("train", "eval")}
     for train, evaluate in runners.values():  # warm-up: compilation, allocator, thread pools
         train()
@@ -123,22 +130,28 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scan_too", action="store_true", help="also time wtjax with the tie as a scan")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)
     print(f"{cores} cores; wtjax on {len(jax.devices())} CPU device(s), torch {torch.__version__} on "
           f"{torch.get_num_threads()} threads; batch {args.batch}, multi-mask density 0.5\n")  # fmt: skip
-    print("| C, K | torch train s | wtjax train s | ratio | torch eval s | wtjax eval s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    scan = " wtjax scan train s | ratio |" if args.scan_too else ""
+    print(f"| C, K | torch train s | wtjax train s | ratio |{scan} torch eval s | wtjax eval s | ratio |")
+    print("|---" * (9 if args.scan_too else 7) + "|")
     for shape in args.shapes.split(","):
         width, depth = (int(v) for v in shape.split("x"))
         t = compare(width, depth, args)
-        print(
-            f"| {width}, {depth} | {t['torch', 'train']:.3f} | {t['wtjax', 'train']:.3f} | "
-            f"{t['wtjax', 'train'] / t['torch', 'train']:.2f} | {t['torch', 'eval']:.3f} | "
-            f"{t['wtjax', 'eval']:.3f} | {t['wtjax', 'eval'] / t['torch', 'eval']:.2f} |",
-            flush=True,
-        )
+        row = [f"{width}, {depth}"]
+        for fw in ("wtjax", "wtjax scan")[: 2 if args.scan_too else 1]:
+            row += [f"{t[fw, 'train']:.3f}", f"{t[fw, 'train'] / t['torch', 'train']:.2f}"]
+        row.insert(1, f"{t['torch', 'train']:.3f}")
+        row += [
+            f"{t['torch', 'eval']:.3f}",
+            f"{t['wtjax', 'eval']:.3f}",
+            f"{t['wtjax', 'eval'] / t['torch', 'eval']:.2f}",
+        ]
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
