@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
-from train_utils import ROOT, load_config, subprocess_env
+from train_utils import ROOT, cache_env, compilation_cache, load_config, subprocess_env
 
 from wtjax.job.train import train_and_evaluate
 from wtjax.tools import analyse
@@ -14,8 +14,12 @@ from wtjax.tools import analyse
 def test_analysis_on_a_trained_checkpoint(tmp_path):
     config = load_config("tiny", "steps=4")
     config.data.num_eval = 40
-    train_and_evaluate(config, tmp_path / "multi")
-    results = analyse.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
+    # The command below analyses the same checkpoint with the same programs: it loads them from
+    # this persistent compilation cache instead of compiling them again.
+    cache = tmp_path / "xla_cache"
+    with compilation_cache(cache):
+        train_and_evaluate(config, tmp_path / "multi")
+        results = analyse.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
     res = results["multi"]
     assert res["layers"] == ["stem", "1", "2", "pool"] and res["examples"] == 40
     cka = np.asarray(res["cka"])
@@ -28,7 +32,8 @@ def test_analysis_on_a_trained_checkpoint(tmp_path):
     # The command: same numbers from a fresh process (its flags are defined only when it runs).
     cmd = [sys.executable, "-m", "wtjax.tools.analyse", f"--workdir={tmp_path / 'multi'}"]
     cmd += [f"--out={tmp_path / 'cli'}", "--num_examples=40", "--cka_batch=0"]
-    env = subprocess_env(JAX_NUM_CPU_DEVICES=4)  # the checkpoint's topology (conftest's 4 CPU devices)
+    # The checkpoint's topology (conftest's 4 CPU devices), and the programs compiled above.
+    env = subprocess_env(JAX_NUM_CPU_DEVICES=4, **cache_env(cache))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = json.loads((tmp_path / "cli" / "analysis.json").read_text())["multi"]

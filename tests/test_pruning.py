@@ -238,7 +238,16 @@ def test_zero_pruned_weights_rejects_mismatched_trees():
         pruning.zero_pruned_weights(params, {"Dense_0": {"kernel": jnp.ones((2, 2), bool)}})
 
 
-def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path):
+@pytest.fixture
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache: a resumed run loads the programs the first run compiled."""
+    from train_utils import compilation_cache
+
+    with compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
+
+
+def test_training_hook_holds_masks_in_the_state_and_checkpoints_them(tmp_path, xla_cache):
     """``config.pruning`` -> masks computed once at init, kept in (and restored from) the state."""
     import orbax.checkpoint as ocp
     from train_utils import load_config

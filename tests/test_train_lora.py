@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+from train_utils import compilation_cache
 
 from wtjax.job import config as cs
 from wtjax.job import train
@@ -19,6 +21,13 @@ from wtjax.models.vit import ViT, vit_fields
 from wtjax.models.vit_checkpoint import save_npz
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vtab_lora.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    # The resumed run compiles the programs of the first run again: a persistent cache loads them.
+    with compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def _config(npz, steps):
