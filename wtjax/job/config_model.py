@@ -31,7 +31,9 @@ def _field_value(field: dataclasses.Field):
         annotation = str(field.type)
         kinds = [t for name, t in _TYPES.items() if name in annotation]
         if len(kinds) > 1:
-            return None  # a union (e.g. int | str): an untyped None takes a value of any type
+            # A union (e.g. int | str): an object placeholder takes a value of any type, from
+            # Python or the command line (which parses it as a literal: 4, True, sqrt).
+            return config_dict.placeholder(object)
         return config_dict.placeholder(kinds[0] if kinds else str)
     if isinstance(default, (bool, int, float, str, tuple)):
         return default
