@@ -101,7 +101,10 @@ def test_command_line_overrides_and_misspelt_keys(monkeypatch):
     assert (c.data.data_dir, c.model.mask.kind) == ("/tmp/somewhere", "nm")
     cs.validate(c)
     # Union-typed optional fields (int | str, int | bool) take either from the command line.
-    for arg, field, value in [("checkpoint_every=sqrt", "checkpoint_every", "sqrt"), ("unroll=1", "unroll", 1)]:
+    for arg, field, value in [
+        ("checkpoint_every=sqrt", "checkpoint_every", "sqrt"),
+        ("unroll=1", "unroll", 1),
+    ]:
         c = _parse_flags([f"--config={path}", f"--config.model.{arg}"], monkeypatch)
         assert c.model[field] == getattr(cs.model_from_config(c.model, 10), field) == value
     c = _parse_flags([f"--config={path}", "--config.model.checkpoint_every=3"], monkeypatch)
