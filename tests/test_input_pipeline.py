@@ -18,7 +18,7 @@ from wtjax.data.dataset import make_dataset
 from wtjax.data.fields import DATA_DIR_ENV, data_config, resolve_data_dir
 from wtjax.data.loaders import CIFAR_COPY_STATS
 from wtjax.data.pipeline import create_dataset
-from wtjax.data.sources import ArraySource, DataError, Downsampled
+from wtjax.data.sources import ArraySource, DataError, Downsampled, RecordSource
 
 
 def data(name, **fields):
@@ -155,6 +155,22 @@ def test_holdout_is_disjoint_fixed_and_subset_applies_to_train():
 
 
 # ----------------------------------------------------------------------------- sources
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_labels_outside_the_classes_are_errors_on_both_sides(bad):
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    good = ArraySource(images, [0, 1, 2, 0])
+    wrong = ArraySource(images, [0, bad, 2, 0])
+    kw = dict(num_classes=3, mean=(0.0,), std=(1.0,), seed=0)
+    for train, test in ((wrong, good), (good, wrong)):
+        with pytest.raises(DataError, match=rf"ids: label {bad} is outside \[0, 3\)"):
+            make_dataset("ids", train=train, test=test, **kw)
+    records = [{"image": images[0], "label": lab} for lab in (0, bad)]
+    source = RecordSource(records, (2, 2, 1), what="recs", num_classes=3)
+    np.testing.assert_array_equal(source.get(np.array([0]))[1], [0])
+    with pytest.raises(DataError, match=rf"recs: record 1 has label {bad}, outside \[0, 3\)"):
+        source.get(np.array([0, 1]))
+
+
 def test_downsample_is_an_exact_average_pool_and_rejects_bad_factors():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
