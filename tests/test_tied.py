@@ -269,8 +269,8 @@ class ReshapingBlock(nn.Module):
         return nn.Dense(z.shape[-1])(z).astype(jnp.bfloat16)
 
 
-def _error(block, scan):
-    tie = Tied(block, depth=2, scan=scan)
+def _error(block, scan, **fields):
+    tie = Tied(block, depth=2, scan=scan, **fields)
     with pytest.raises(ValueError) as info:
         tie.init(jax.random.PRNGKey(0), X, X)
     message = str(info.value)
@@ -279,8 +279,9 @@ def _error(block, scan):
 
 
 @pytest.mark.parametrize("scan", [True, False])
-def test_a_batchnorm_block_is_a_clear_error_naming_the_alternative(scan):
-    message = _error(BatchNormBlock(), scan)
+@pytest.mark.parametrize("weight_map", [None, (0, 1)])
+def test_a_batchnorm_block_is_a_clear_error_naming_the_alternative(scan, weight_map):
+    message = _error(BatchNormBlock(), scan, weight_map=weight_map)
     assert "BatchNormBlock" in message and "'batch_stats' (BatchNorm)" in message
     assert "GroupNorm or LayerNorm" in message
 

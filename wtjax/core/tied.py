@@ -34,6 +34,7 @@ This module imports only jax and flax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import re
@@ -200,7 +201,8 @@ class Tied(nn.Module):
         spin = self._spin_view()
         if spin is not None:
             if self.is_initializing():
-                spin.init_storage(own, z, args)
+                with self._no_state(own):
+                    spin.init_storage(own, z, args)
             extras = spin.transform_params(self, self.variables["params"]["block"])
         use_dropout = self.mask_mode == "dropout" and not deterministic
         step = self._step(extras, use_dropout, keep_states)
@@ -226,7 +228,7 @@ class Tied(nn.Module):
 
         def step(block, z, reuse_index, *args):
             z_in = z
-            try:
+            with self._no_state(block):
                 if block.is_initializing() and self.weight_map is None:
                     # Parameters are created unmasked (and nn.scan forbids broadcast variables that
                     # depend on the scan body, which a masked view at init would be).
@@ -238,11 +240,6 @@ class Tied(nn.Module):
                     )
                     masked = nn.map_variables(lambda mdl, *a: mdl(*a), ("params", "masks"), trans_in_fn=view)
                     z = masked(block, z, *args)
-            except flax.errors.ScopeCollectionNotFound as e:  # state the scan does not carry
-                collection = _missing_collection(e)
-                if collection is None:
-                    raise
-                raise self._state_error(block, collection) from None
             stateful = sorted(set(block.variables) - set(_BLOCK_COLLECTIONS))
             if stateful:  # the Python loop would share one set of statistics across reuses
                 raise self._state_error(block, stateful[0])
@@ -259,6 +256,17 @@ class Tied(nn.Module):
 
     def _describe(self, block) -> str:
         return f"the block {type(block).__name__} of Tied {'/'.join(self.path) or '(top level)'}"
+
+    @contextlib.contextmanager
+    def _no_state(self, block):
+        """Turns Flax's error for a collection the lifted transforms do not carry into ours."""
+        try:
+            yield
+        except flax.errors.ScopeCollectionNotFound as e:
+            collection = _missing_collection(e)
+            if collection is None:  # e.g. apply(params) instead of apply({'params': params})
+                raise
+            raise self._state_error(block, collection) from None
 
     def _state_error(self, block, collection: str) -> ValueError:
         return ValueError(
