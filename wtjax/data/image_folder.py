@@ -191,9 +191,13 @@ def _cache_mismatch(images, cached_labels, labels, image_shape) -> str | None:
         and images.shape[0] == n
         and (image_shape is None or images.shape[1:] == tuple(image_shape))
     ):
-        return f"stale: it holds {images.dtype} {images.shape}, the files are {n} images of {image_shape}"
-    if cached_labels.shape != labels.shape or not np.array_equal(cached_labels, labels):
-        return f"stale: its labels {cached_labels.shape} differ from the class folders' ({n},)"
+        want = f"uint8 {(n, *image_shape)}" if image_shape is not None else f"{n} uint8 images"
+        return f"inconsistent: it holds {images.dtype} {images.shape} images, the files are {want}"
+    if cached_labels.shape != labels.shape:
+        return f"inconsistent: it holds labels of shape {cached_labels.shape}, the files are {n}"
+    differ = np.flatnonzero(cached_labels != labels)
+    if differ.size:
+        return f"inconsistent: {differ.size} of its labels differ from the folders' (first: row {differ[0]})"
     return None
 
 
