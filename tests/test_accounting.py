@@ -47,7 +47,7 @@ def kernels_seen_by_model(model, params, images):
     "spec, mode, kept_per_kernel",
     [
         (MaskSpec(kind="unstructured", density=0.3, seed=5), "multi", round(0.3 * W * W)),
-        (MaskSpec(kind="nm", n=1, m=4, seed=2), "multi", W * W // 4),
+        (MaskSpec(kind="nm", n=1, m=4, density=0.25, seed=2), "multi", W * W // 4),
         (MaskSpec(kind="unstructured", density=0.5), "same", W * W // 2),
     ],
 )

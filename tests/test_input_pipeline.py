@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wtjax.data import image_folder, loaders, tfds_source, vtab
+from wtjax.data import cifar_files, image_folder, loaders, tfds_source, vtab
 from wtjax.data.augment import Normalizer, crop_flip, sample_crop_flip
 from wtjax.data.dataset import make_dataset
 from wtjax.data.fields import DATA_DIR_ENV, data_config, resolve_data_dir
 from wtjax.data.loaders import CIFAR_COPY_STATS
 from wtjax.data.pipeline import create_dataset
-from wtjax.data.sources import ArraySource, DataError, Downsampled
+from wtjax.data.sources import ArraySource, DataError, Downsampled, RecordSource
 
 
 def data(name, **fields):
@@ -155,6 +155,22 @@ def test_holdout_is_disjoint_fixed_and_subset_applies_to_train():
 
 
 # ----------------------------------------------------------------------------- sources
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_labels_outside_the_classes_are_errors_on_both_sides(bad):
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    good = ArraySource(images, [0, 1, 2, 0])
+    wrong = ArraySource(images, [0, bad, 2, 0])
+    kw = dict(num_classes=3, mean=(0.0,), std=(1.0,), seed=0)
+    for train, test in ((wrong, good), (good, wrong)):
+        with pytest.raises(DataError, match=rf"ids: label {bad} is outside \[0, 3\)"):
+            make_dataset("ids", train=train, test=test, **kw)
+    records = [{"image": images[0], "label": lab} for lab in (0, bad)]
+    source = RecordSource(records, (2, 2, 1), what="recs", num_classes=3)
+    np.testing.assert_array_equal(source.get(np.array([0]))[1], [0])
+    with pytest.raises(DataError, match=rf"recs: record 1 has label {bad}, outside \[0, 3\)"):
+        source.get(np.array([0, 1]))
+
+
 def test_downsample_is_an_exact_average_pool_and_rejects_bad_factors():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
@@ -280,6 +296,42 @@ def test_cifar_pickle_requires_opt_in(tmp_path):
     np.testing.assert_allclose(ds.normalizer.invert(ev["image"]), _expected_nhwc(pixels), atol=1e-3)
 
 
+def _write_pickles(directory, rng, n=4, bad_label=None):
+    directory.mkdir()
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        labels, pixels = _cifar_records(rng, n)
+        labels = labels.tolist()
+        if bad_label is not None and name == "data_batch_3":
+            labels[1] = bad_label
+        with open(directory / name, "wb") as f:
+            pickle.dump({b"data": pixels, b"labels": labels}, f)
+
+
+@pytest.mark.parametrize("label", [-1, 10])
+def test_cifar_pickle_labels_out_of_range_are_errors(tmp_path, label):
+    _write_pickles(tmp_path / "cifar-10-batches-py", np.random.default_rng(6), bad_label=label)
+    with pytest.raises(DataError, match=rf"data_batch_3: label {label} out of range \[0, 10\)"):
+        create_dataset(data("cifar10", data_dir=str(tmp_path), allow_pickle=True), seed=0)
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, None])
+def test_allow_pickle_must_be_a_real_bool(tmp_path, monkeypatch, value):
+    _write_pickles(tmp_path / "cifar-10-batches-py", np.random.default_rng(7))
+    monkeypatch.setattr(cifar_files.pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(TypeError, match=r"config\.data\.allow_pickle must be True or False, got"):
+        # A plain dict, as a library call builds it (a ConfigDict would refuse the string itself).
+        create_dataset({**data("cifar10", data_dir=str(tmp_path)), "allow_pickle": value}, seed=0)
+    with pytest.raises(TypeError, match="allow_pickle must be True or False"):
+        cifar_files.load_release("pickle", str(tmp_path / "cifar-10-batches-py"), allow_pickle=value)
+
+
+def test_boolean_data_fields_reject_strings_and_flip_accepts_none():
+    for field in ("augment", "download", "flip"):
+        with pytest.raises(TypeError, match=rf"config\.data\.{field} must be True"):
+            create_dataset({**data("synthetic"), field: "no"}, seed=0)
+    assert create_dataset({**data("synthetic", flip=None), "augment": np.bool_(True)}, seed=0).flip
+
+
 def _write_folder(root, classes, per_class, shape, rng, ext="png"):
     pixels = {}
     for c in classes:
@@ -320,6 +372,75 @@ def test_image_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
     os.utime(root / "test" / "ant" / "0000.png", ns=(1, 1))
     with pytest.raises(AssertionError):
         create_dataset(cfg, seed=0)
+
+
+def _spoil(cache, problem):
+    """Overwrites the cache file ``cache`` with a broken or stale one."""
+    with np.load(cache) as z:
+        images, labels = z["images"], z["labels"]
+    if problem == "truncated":
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    elif problem == "empty":
+        cache.write_bytes(b"")
+    elif problem == "not_npz":
+        cache.write_bytes(b"garbage" * 10)
+    elif problem == "missing_key":
+        np.savez(cache, images=images)
+    elif problem == "wrong_shape":
+        np.savez(cache, images=images[:, :4], labels=labels)
+    elif problem == "wrong_count":
+        np.savez(cache, images=images[:-1], labels=labels[:-1])
+    elif problem == "wrong_dtype":
+        np.savez(cache, images=images.astype(np.float32), labels=labels)
+    else:  # wrong_labels
+        np.savez(cache, images=images, labels=labels[::-1])
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "truncated",
+        "empty",
+        "not_npz",
+        "missing_key",
+        "wrong_shape",
+        "wrong_count",
+        "wrong_dtype",
+        "wrong_labels",
+    ],
+)
+def test_a_bad_image_cache_is_rebuilt_with_one_warning(tmp_path, caplog, problem):
+    root, cache_dir = tmp_path / "imgs", tmp_path / "cache"
+    _write_folder(root, ["a", "b"], 3, (8, 6, 3), np.random.default_rng(8))
+    cfg = data("image_folder", data_dir=str(root), cache_dir=str(cache_dir), holdout=2)
+    want = next(create_dataset(cfg, seed=0).eval_batches(2))
+    (cache,) = cache_dir.glob("*.npz")
+    _spoil(cache, problem)
+    with caplog.at_level("WARNING"):
+        got = next(create_dataset(cfg, seed=0).eval_batches(2))
+    assert_batches_equal([got], [want])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "rebuilding it" in warnings[0] and "\n" not in warnings[0], warnings
+    caplog.clear()  # the rebuilt cache is valid again: read without a warning or decoding
+    with caplog.at_level("WARNING"):
+        create_dataset(cfg, seed=0)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [p.name for p in cache_dir.iterdir()] == [cache.name]
+
+
+def test_a_killed_cache_writer_leaves_no_partial_cache(tmp_path, monkeypatch):
+    root, cache_dir = tmp_path / "imgs", tmp_path / "cache"
+    _write_folder(root, ["a", "b"], 2, (8, 8, 3), np.random.default_rng(9))
+    cfg = data("image_folder", data_dir=str(root), cache_dir=str(cache_dir), holdout=1)
+
+    def killed(f, **arrays):  # writes part of the file, then the process is interrupted
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(image_folder.np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        create_dataset(cfg, seed=0)
+    assert list(cache_dir.iterdir()) == []  # neither a partial cache nor a stray temporary file
 
 
 def test_cifar10_class_folder_copy_needs_holdout(tmp_path):

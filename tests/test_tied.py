@@ -3,6 +3,7 @@
 Tiny models only: a Dense block (fast, exact checks) and a 8x8 ResNet-like model (convs).
 """
 
+import re
 import subprocess
 import sys
 
@@ -230,6 +231,66 @@ def test_bad_configuration_fails_loudly():
         Tied(DenseBlock(), depth=2, mask_mode="multiple")
     with pytest.raises(ValueError, match="depth"):
         Tied(DenseBlock(), depth=0)
+
+
+@pytest.mark.parametrize("depth", [0, -1, 2.0, True, "3"])
+def test_depth_must_be_an_int_of_at_least_one_at_construction(depth):
+    with pytest.raises(ValueError, match=rf"Tied depth={depth!r} at construction: .* static int depth >= 1"):
+        Tied(DenseBlock(), depth=depth)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("depth", [0, -1, 1.5])
+def test_depth_must_be_an_int_of_at_least_one_at_call_time(scan, depth):
+    with pytest.raises(ValueError, match=rf"Tied depth={depth!r} at call time"):
+        Net(scan=scan).apply(PARAMS, X, depth=depth)  # depth=0 used to return the input itself
+
+
+def test_a_traced_depth_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"at call time: a tie needs a static int depth"):
+        jax.jit(lambda p, d: Net().apply(p, X, depth=d))(PARAMS, 2)
+
+
+class BatchNormBlock(nn.Module):
+    @nn.compact
+    def __call__(self, z, x):
+        return nn.BatchNorm(use_running_average=False)(nn.Dense(z.shape[-1])(z)) + x
+
+
+class ReshapingBlock(nn.Module):
+    """Returns a carry of another width or dtype."""
+
+    change: str
+
+    @nn.compact
+    def __call__(self, z, x):
+        if self.change == "shape":
+            return nn.Dense(z.shape[-1] + 1)(z)
+        return nn.Dense(z.shape[-1])(z).astype(jnp.bfloat16)
+
+
+def _error(block, scan, **fields):
+    tie = Tied(block, depth=2, scan=scan, **fields)
+    with pytest.raises(ValueError) as info:
+        tie.init(jax.random.PRNGKey(0), X, X)
+    message = str(info.value)
+    assert "\n" not in message and info.value.__cause__ is None, message
+    return message
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("weight_map", [None, (0, 1)])
+def test_a_batchnorm_block_is_a_clear_error_naming_the_alternative(scan, weight_map):
+    message = _error(BatchNormBlock(), scan, weight_map=weight_map)
+    assert "BatchNormBlock" in message and "'batch_stats' (BatchNorm)" in message
+    assert "GroupNorm or LayerNorm" in message
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("change, output", [("shape", r"float32\[3, 9\]"), ("dtype", r"bfloat16\[3, 8\]")])
+def test_a_block_changing_the_carry_is_a_clear_error(scan, change, output):
+    message = _error(ReshapingBlock(change), scan)
+    assert re.search(rf"ReshapingBlock of Tied .*input float32\[3, 8\] -> output {output}$", message), message
 
 
 def test_one_compile_per_input_shape():

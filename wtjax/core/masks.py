@@ -8,10 +8,12 @@ so masks are identical across calls, processes, restarts and devices, and indepe
 order in which layers were built (CapaBoost's shared NumPy RNG is not). Two kinds:
 
 * ``unstructured``: exactly ``round(density * n)`` kept entries per tensor and reuse (the
-  paper's "equal per layer"), positions uniform without replacement.
+  paper's "equal per layer"), positions uniform without replacement; at least one, so a small
+  kernel at a low density (``0.1 * 4`` rounds to 0) is never zeroed entirely.
 * ``nm``: N:M (default 2:4): in every group of M consecutive entries along the kernel's
   input/reduction axis (axis -2 of a Flax ``(in, out)`` Dense or ``HWIO`` Conv kernel, the layout
-  sparse tensor cores use) exactly N are kept.
+  sparse tensor cores use) exactly N are kept. Its density is ``n / m``: a :class:`MaskSpec`
+  whose ``density`` says otherwise is an error, not silently overridden.
 
 This module imports only jax, flax and numpy.
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -44,12 +48,17 @@ def mask_key(seed: int, reuse_index: int | jax.Array, path: Sequence[str]) -> ja
 
 
 def kept_count(size: int, density: float) -> int:
-    """Number of kept entries of an unstructured mask: ``round(density * size)``."""
-    return int(round(density * size))
+    """Number of kept entries of an unstructured mask: ``round(density * size)``, at least one.
+
+    At least one: a small kernel at a low density (``round(0.1 * 4) == 0``) would otherwise be
+    zeroed entirely, a layer that neither computes nor learns. Every mask that keeps an entry at
+    ``round(density * size)`` is unchanged by this rule.
+    """
+    return min(size, max(1, int(round(density * size))))
 
 
 def unstructured_mask(key: jax.Array, shape: Sequence[int], density: float) -> jax.Array:
-    """A boolean mask with exactly ``round(density * prod(shape))`` True entries.
+    """A boolean mask with exactly :func:`kept_count` ``(prod(shape), density)`` True entries.
 
     The kept entries are the top-k of i.i.d. uniform scores: exact density, uniform over all
     subsets of that size. (``lax.top_k`` measured ~5x cheaper than a full random permutation for
@@ -100,9 +109,10 @@ class MaskSpec:
 
     Attributes:
       kind: ``'unstructured'`` or ``'nm'``.
-      density: fraction kept (``unstructured``); ``nm`` keeps ``n/m``.
-      n, m: the N:M pattern.
-      seed: the mask seed; masks are a pure function of (seed, reuse, path).
+      density: fraction kept, in ``(0, 1]``; for ``nm`` it must equal ``n / m`` (checked here, so
+        a config asking for one density never silently runs another).
+      n, m: the N:M pattern, ints with ``0 < n <= m`` (``nm`` only).
+      seed: the mask seed (an int); masks are a pure function of (seed, reuse, path).
       predicate: ``predicate(path, leaf) -> bool`` selects the masked parameters. The default
         masks conv and dense kernels (leaves named ``kernel`` with ndim >= 2), never biases or
         normalisation parameters.
@@ -118,8 +128,23 @@ class MaskSpec:
     def __post_init__(self):
         if self.kind not in MASK_KINDS:
             raise ValueError(f"unknown mask kind {self.kind!r}; choose one of {MASK_KINDS}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"mask density must be in (0, 1], got {self.density}")
+        if not _is_real(self.density) or not 0.0 < self.density <= 1.0:
+            raise ValueError(f"mask density must be a number in (0, 1], got {self.density!r}")
+        for name in ("n", "m", "seed"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"mask {name} must be an int, got {getattr(self, name)!r}")
+        if self.kind == "nm":
+            self._check_nm()
+
+    def _check_nm(self):
+        n, m = self.n, self.m
+        if not 0 < n <= m:
+            raise ValueError(f"N:M sparsity needs 0 < n <= m, got MaskSpec(kind='nm', n={n}, m={m})")
+        if not math.isclose(self.density, n / m, rel_tol=1e-6):
+            raise ValueError(
+                f"MaskSpec(kind='nm', n={n}, m={m}) keeps n/m = {n / m:g} of each kernel but density="
+                f"{self.density:g}: set density={n / m:g} (or choose kind='unstructured')"
+            )
 
     @property
     def effective_density(self) -> float:
@@ -133,6 +158,14 @@ class MaskSpec:
         if self.kind == "nm":
             return nm_mask(key, shape, self.n, self.m)
         return unstructured_mask(key, shape, self.density)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def default_predicate(path: Path, leaf) -> bool:

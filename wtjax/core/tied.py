@@ -16,8 +16,13 @@ Variable collections (decided once, here):
 * the carried state ``z`` is the only thing passed from one reuse to the next; extra positional
   arguments (e.g. an input injection ``x``) are broadcast to every reuse.
 * ``dropout`` RNGs are split per reuse. Collections that would need per-reuse *statistics*
-  (BatchNorm's ``batch_stats``) are not supported inside the tie: use GroupNorm/LayerNorm
-  (google/flax#2052).
+  (BatchNorm's ``batch_stats``) are not supported inside the tie (google/flax#2052; one set of
+  statistics cannot describe every reuse, and the paper's models normalise with GroupNorm or
+  LayerNorm): a block using any collection but ``params`` (and ``sow``'s ``intermediates``) is
+  a ValueError naming it, in the scan and the Python loop alike. Use GroupNorm/LayerNorm in the
+  block, or BatchNorm outside the tie.
+* the block must return a state of the input's structure, shapes and dtypes (a ValueError
+  naming both otherwise), and ``depth`` is a static Python int >= 1, at construction and per call.
 
 SPIN parameter sharing (``weight_map``): the shared ``block`` parameters are stored as
 ``P = max(weight_map) + 1`` sets, and reuse ``i`` sees set ``weight_map[i]`` through the same
@@ -29,10 +34,14 @@ This module imports only jax and flax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,7 +66,7 @@ class Tied(nn.Module):
     """Apply ``block`` ``depth`` times with one set of (optionally masked) parameters.
 
     ``block(z, *broadcast_args) -> z`` must map the carried state to a state of the same shape
-    and dtype. Example::
+    and dtype (checked when the block is traced). Example::
 
         class MyNet(nn.Module):
             @nn.compact
@@ -71,7 +80,7 @@ class Tied(nn.Module):
 
     Attributes:
       block: the Linen module to reuse (its parameters live under ``<this>/block``).
-      depth: number of reuses K at training time (override per call with ``depth=``).
+      depth: number of reuses K at training time, an int >= 1 (override per call with ``depth=``).
       mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (:mod:`wtjax.core.views`).
       mask: which parameters are masked and how (:class:`wtjax.core.masks.MaskSpec`).
       scan: ``True`` compiles one loop body with ``nn.scan``; ``False`` is a plain Python loop
@@ -130,8 +139,7 @@ class Tied(nn.Module):
 
     def __post_init__(self):
         self._mask_view()  # validates mask_mode and dtype
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        check_depth(self.depth, "at construction")
         if self.weight_map is not None:
             object.__setattr__(self, "weight_map", self._spin_view().weight_map)  # canonical tuple
             if len(self.weight_map) != self.depth:
@@ -160,8 +168,8 @@ class Tied(nn.Module):
         Args:
           z: the initial carried state.
           *broadcast_args: passed unchanged to every reuse (e.g. the input injection).
-          depth: reuses to run now (default ``self.depth``); any depth works at evaluation time,
-            masks for every reuse index follow from the seed.
+          depth: reuses to run now, a static int >= 1 (default ``self.depth``); any depth works at
+            evaluation time, masks for every reuse index follow from the seed.
           deterministic: disables the ``dropout`` mask mode (evaluation).
         """
         return self._reuse(z, broadcast_args, depth, deterministic, keep_states=False)[0]
@@ -177,7 +185,7 @@ class Tied(nn.Module):
 
     @nn.compact
     def _reuse(self, z, args, depth, deterministic, keep_states):
-        depth = self.depth if depth is None else depth
+        depth = self.depth if depth is None else check_depth(depth, "at call time")
         if not self.shared and depth != self.depth:
             raise ValueError(f"a not-tied stack has {self.depth} layers; it cannot run {depth}")
         if self.weight_map is not None and depth != self.depth:
@@ -193,7 +201,8 @@ class Tied(nn.Module):
         spin = self._spin_view()
         if spin is not None:
             if self.is_initializing():
-                spin.init_storage(own, z, args)
+                with self._no_state(own):
+                    spin.init_storage(own, z, args)
             extras = spin.transform_params(self, self.variables["params"]["block"])
         use_dropout = self.mask_mode == "dropout" and not deterministic
         step = self._step(extras, use_dropout, keep_states)
@@ -218,15 +227,23 @@ class Tied(nn.Module):
         """One reuse ``(block, z, reuse_index, *args) -> (z, z or None)``, rematerialised if asked."""
 
         def step(block, z, reuse_index, *args):
-            if block.is_initializing() and self.weight_map is None:
-                # Parameters are created unmasked (and nn.scan forbids broadcast variables that
-                # depend on the scan body, which a masked view at init would be).
-                z = block(z, *args)
-            else:
-                rng = block.make_rng("dropout") if use_dropout else None
-                view = functools.partial(self._view, reuse_index=reuse_index, dropout_rng=rng, extras=extras)
-                masked = nn.map_variables(lambda mdl, *a: mdl(*a), ("params", "masks"), trans_in_fn=view)
-                z = masked(block, z, *args)
+            z_in = z
+            with self._no_state(block):
+                if block.is_initializing() and self.weight_map is None:
+                    # Parameters are created unmasked (and nn.scan forbids broadcast variables that
+                    # depend on the scan body, which a masked view at init would be).
+                    z = block(z, *args)
+                else:
+                    rng = block.make_rng("dropout") if use_dropout else None
+                    view = functools.partial(
+                        self._view, reuse_index=reuse_index, dropout_rng=rng, extras=extras
+                    )
+                    masked = nn.map_variables(lambda mdl, *a: mdl(*a), ("params", "masks"), trans_in_fn=view)
+                    z = masked(block, z, *args)
+            stateful = sorted(set(block.variables) - set(_BLOCK_COLLECTIONS))
+            if stateful:  # the Python loop would share one set of statistics across reuses
+                raise self._state_error(block, stateful[0])
+            self._check_carry(block, z_in, z)
             return z, (z if keep_states else None)
 
         policy_name = self.remat_policy
@@ -236,6 +253,36 @@ class Tied(nn.Module):
         if policy is not None:
             step = nn.remat(step, policy=policy, prevent_cse=not self.scan)
         return step
+
+    def _describe(self, block) -> str:
+        return f"the block {type(block).__name__} of Tied {'/'.join(self.path) or '(top level)'}"
+
+    @contextlib.contextmanager
+    def _no_state(self, block):
+        """Turns Flax's error for a collection the lifted transforms do not carry into ours."""
+        try:
+            yield
+        except flax.errors.ScopeCollectionNotFound as e:
+            collection = _missing_collection(e)
+            if collection is None:  # e.g. apply(params) instead of apply({'params': params})
+                raise
+            raise self._state_error(block, collection) from None
+
+    def _state_error(self, block, collection: str) -> ValueError:
+        return ValueError(
+            f"{self._describe(block)} keeps state in the variable collection {collection!r}"
+            f"{' (BatchNorm)' if collection == 'batch_stats' else ''}, which a tie does not carry across "
+            "reuses: use GroupNorm or LayerNorm inside the block (as the model families do), or apply "
+            "BatchNorm outside the tie"
+        )
+
+    def _check_carry(self, block, z_in, z_out) -> None:
+        """The block must map the carried state to one of the same structure, shapes and dtypes."""
+        if _signature(z_in) != _signature(z_out):
+            raise ValueError(
+                f"{self._describe(block)} must return the carried state with its shape and dtype: "
+                f"input {_describe_state(z_in)} -> output {_describe_state(z_out)}"
+            )
 
     def _view(self, variables, reuse_index, dropout_rng, extras):
         """What one reuse sees of ``{'params': block params, 'masks': ...}``: its set, then masked."""
@@ -249,6 +296,42 @@ class Tied(nn.Module):
         scope = self.path + ("block",)
         masked = self._mask_view()(params, variables.get("masks"), reuse_index, dropout_rng, scope)
         return {**variables, "params": masked}
+
+
+#: The variable collections a tied block may use: its parameters, the tie's stored masks, and
+#: ``sow``'s intermediates (a no-op inside a scan). Anything else is per-reuse state (BatchNorm's
+#: ``batch_stats``) that one tie cannot carry.
+_BLOCK_COLLECTIONS = ("params", "masks", "intermediates")
+
+
+def check_depth(depth, when: str) -> int:
+    """``depth`` as an int if it is a static number of reuses >= 1, else a one-line ValueError."""
+    try:
+        value = operator.index(depth) if not isinstance(depth, bool) else None
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        value = None
+    if value is None or value < 1:
+        raise ValueError(
+            f"Tied depth={depth!r} {when}: a tie needs a static int depth >= 1 (a Python int, not a "
+            "traced value: the number of reuses is fixed in the compiled program)"
+        )
+    return value
+
+
+def _missing_collection(error: Exception) -> str | None:
+    """The collection a ``ScopeCollectionNotFound`` names, unless it is one a tie carries."""
+    found = re.search(r'from collection "([^"]+)"', str(error))
+    collection = found.group(1) if found else None
+    return None if collection in ("params", "masks") else collection
+
+
+def _signature(tree):
+    return jax.tree.structure(tree), [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)]
+
+
+def _describe_state(tree) -> str:
+    leaves = [f"{jnp.result_type(a)}{list(jnp.shape(a))}" for a in jax.tree.leaves(tree)]
+    return leaves[0] if len(leaves) == 1 and not isinstance(tree, (tuple, list, dict)) else str(leaves)
 
 
 def default_unroll(depth: int, backend: str | None = None) -> int | bool:

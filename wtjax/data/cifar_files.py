@@ -46,10 +46,9 @@ def _planes_to_nhwc(flat: np.ndarray) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, path: str) -> None:
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise DataError(
-            f"{path}: label {int(labels.max())} out of range [0, {NUM_CLASSES}); not a CIFAR-10 file?"
-        )
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if bad.size:
+        raise DataError(f"{path}: label {int(bad[0])} out of range [0, {NUM_CLASSES}); not a CIFAR-10 file?")
 
 
 def read_binary_file(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,11 +97,14 @@ def load_release(kind: str, directory: str, *, allow_pickle: bool) -> tuple[Arra
     Args:
       kind: ``'binary'`` or ``'pickle'`` (from :func:`find_release`).
       directory: the folder holding the batch files.
-      allow_pickle: must be True for ``'pickle'``.
+      allow_pickle: must be True for ``'pickle'`` (a real bool: a string such as ``"false"`` is
+        a TypeError, never coerced).
 
     Returns:
       ``(train, test)`` sources; ``test`` is None when ``test_batch[.bin]`` is absent.
     """
+    if not isinstance(allow_pickle, (bool, np.bool_)):  # bool("false") is True: never coerce
+        raise TypeError(f"allow_pickle must be True or False, got {allow_pickle!r}")
     if kind == "pickle" and not allow_pickle:
         raise DataError(
             f"{directory} holds the python-pickle CIFAR-10 release. Unpickling can run arbitrary code, so "

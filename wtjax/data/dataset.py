@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from wtjax.data.augment import Normalizer, crop_flip, sample_crop_flip
-from wtjax.data.sources import Source
+from wtjax.data.sources import DataError, Source
 
 _EPOCH_STREAM = 0
 _AUGMENT_STREAM = 1
@@ -187,7 +187,8 @@ def make_dataset(
       name: dataset name for logs.
       train: the training split.
       test: the official test split, or None if the source has none (then ``holdout`` > 0).
-      num_classes: number of classes (labels are checked lazily by the model's loss).
+      num_classes: number of classes; the labels of in-memory sources must be in
+        ``[0, num_classes)`` (checked here; record sources check each record as it is read).
       mean, std: per-channel normalisation statistics on the [0, 1] scale.
       seed: run seed (epoch order and augmentation; NOT the holdout split).
       holdout: if > 0, the last ``holdout`` training examples after the fixed seed-0 shuffle are
@@ -202,6 +203,8 @@ def make_dataset(
       The :class:`Dataset`.
     """
     _check_arguments(name, train, test, seed, process_index, process_count, crop_padding)
+    for source in (train, test):
+        _check_labels(name, source, int(num_classes))
     train_index, eval_source, eval_index, eval_split = _eval_split(
         name, train, test, int(holdout or 0), test_name
     )
@@ -238,6 +241,19 @@ def _check_arguments(name, train, test, seed, process_index, process_count, crop
         raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
     if test is not None and test.image_shape != train.image_shape:
         raise ValueError(f"{name}: train images are {train.image_shape} but test images {test.image_shape}")
+
+
+def _check_labels(name: str, source: Source | None, num_classes: int) -> None:
+    """Labels held in memory must be in ``[0, num_classes)``: the loss would not notice one outside."""
+    labels = getattr(source, "labels", None)
+    if labels is None or not len(labels):
+        return
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"{name}: label {int(bad[0])} is outside [0, {num_classes}) ({bad.size} such labels); the "
+            "labels must be class indices 0..num_classes-1"
+        )
 
 
 def _eval_split(name: str, train: Source, test: Source | None, holdout: int, test_name: str):

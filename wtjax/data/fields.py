@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from ml_collections import config_dict
 
 #: Environment variable read when ``data_dir`` is None (documented in README.md, "Data").
@@ -112,6 +113,8 @@ def read_data_config(data_config: Any) -> dict[str, Any]:
 
     Raises:
       KeyError: missing or unknown fields (named); build the section with :func:`data_config`.
+      TypeError: a boolean field (``allow_pickle``, ``augment``, ``download``, ``flip``) holding
+        anything but a bool (``flip`` may be None); a string such as ``"false"`` is not coerced.
     """
     if not isinstance(data_config, (Mapping, config_dict.ConfigDict)):
         raise TypeError(f"config.data must be a ConfigDict or a mapping, got {type(data_config).__name__}")
@@ -125,7 +128,20 @@ def read_data_config(data_config: Any) -> dict[str, Any]:
     unknown = sorted(set(values) - set(NAMES))
     if unknown:
         raise KeyError(f"unknown data field(s) {unknown}; data fields are {sorted(NAMES)}")
+    _check_booleans(values)
     return values
+
+
+def _check_booleans(values: Mapping[str, Any]) -> None:
+    """Boolean fields must hold real booleans: ``bool("false")`` is True, so nothing is coerced."""
+    for f in FIELDS:
+        if not (isinstance(f.default, bool) or f.kind is bool):
+            continue
+        value = values[f.name]
+        if isinstance(value, (bool, np.bool_)) or (value is None and f.default is None):
+            continue
+        allowed = "True, False or None" if f.default is None else "True or False"
+        raise TypeError(f"config.data.{f.name} must be {allowed}, got {value!r} ({type(value).__name__})")
 
 
 def resolve_data_dir(fields: Mapping[str, Any]) -> str | None:

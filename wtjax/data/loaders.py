@@ -84,7 +84,7 @@ def load_cifar10(fields: Fields) -> Splits:
     found = cifar_files.find_release(data_dir)
     if found is not None:
         kind, directory = found
-        train, test = cifar_files.load_release(kind, directory, allow_pickle=bool(fields["allow_pickle"]))
+        train, test = cifar_files.load_release(kind, directory, allow_pickle=fields["allow_pickle"])
         return Splits(train, test, 10, CIFAR_STATS, f"CIFAR-10 {kind} release {directory}")
     if os.path.isdir(os.path.join(data_dir, "cifar10")):  # a prepared tfds data_dir
         train, test, k, test_name = tfds_source.load_tfds("cifar10", data_dir, download=False)

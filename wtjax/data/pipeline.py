@@ -37,7 +37,8 @@ def create_dataset(data_config: Any, *, seed: int, process_index: int = 0, proce
       A :class:`Dataset`.
 
     Raises:
-      KeyError: missing or unknown fields. ValueError: unknown name or inconsistent fields.
+      KeyError: missing or unknown fields. TypeError: a boolean field holding a non-bool.
+      ValueError: unknown name or inconsistent fields.
       DataError (a ValueError): missing, corrupt or mismatched data, or data that cannot be
       prepared here.
     """

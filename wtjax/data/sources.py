@@ -81,13 +81,22 @@ class RecordSource:
 
     This wraps ``tfds.data_source`` (array_record files, decoded on access, no TensorFlow), so
     large datasets such as ImageNet 32x32 are never fully loaded: a batch decodes only its rows.
-    Every record is checked against ``image_shape`` so a mismatched dataset fails loudly.
+    Every record is checked against ``image_shape`` (and its label against ``num_classes`` if
+    given) so a mismatched dataset fails loudly.
     """
 
-    def __init__(self, records: Sequence[Any], image_shape: tuple[int, int, int], *, what: str):
+    def __init__(
+        self,
+        records: Sequence[Any],
+        image_shape: tuple[int, int, int],
+        *,
+        what: str,
+        num_classes: int | None = None,
+    ):
         self._records = records
         self.image_shape = tuple(int(d) for d in image_shape)
         self._what = what
+        self._num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self._records)
@@ -105,8 +114,14 @@ class RecordSource:
                     f"{self.image_shape}"
                 )
             images[k] = img
-            labels[k] = int(rec["label"])
+            labels[k] = self._label(rec, i)
         return images, labels
+
+    def _label(self, rec, i: int) -> int:
+        label = int(rec["label"])
+        if self._num_classes is not None and not 0 <= label < self._num_classes:
+            raise DataError(f"{self._what}: record {i} has label {label}, outside [0, {self._num_classes})")
+        return label
 
 
 class Downsampled:

@@ -98,8 +98,8 @@ def load_tfds(dataset: str, data_dir: str | None, *, download: bool = True):
     if len(shape) != 3 or None in shape:
         raise DataError(f"tfds dataset {name!r} has image shape {shape}; a fixed (H, W, C) is required")
     return (
-        RecordSource(train, shape, what=f"{name}/train"),
-        RecordSource(test, shape, what=f"{name}/{test_split}"),
+        RecordSource(train, shape, what=f"{name}/train", num_classes=num_classes),
+        RecordSource(test, shape, what=f"{name}/{test_split}", num_classes=num_classes),
         num_classes,
         test_split,
     )
