@@ -19,6 +19,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps
+from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps, workdir_lock
 from wtjax.job import config as config_schema
 from wtjax.job.state import TrainState
 
@@ -73,9 +74,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
         last checkpoint written before it is kept).
+      wtjax.job.workdir_lock.WorkdirLocked: another live job holds ``workdir`` (refused at once).
     """
+    with contextlib.ExitStack() as cleanup:  # releases the workdir lock however the job ends
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
-    run = _open_run(config, workdir)  # 1. Processes, devices, workdir.
+    run = _open_run(config, workdir, cleanup)  # 1. Processes, devices, workdir.
     _open_data(run)  # 2. Data.
     # 3. Model, optimizer, hooks.
     image_shape = run.dataset.image_shape
@@ -112,15 +119,19 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 # ---------------------------------------------------------------------------- 1, 2: run and data
 
 
-def _open_run(config, workdir) -> _Run:
-    """Start the processes, check the config, make the mesh and the workdir (``config.json``)."""
+def _open_run(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
+    """Start the processes, check the config, make the mesh and the workdir (``config.json``).
+
+    Process 0 locks the workdir (:mod:`wtjax.job.workdir_lock`, released by ``cleanup``) before
+    writing to it: a second job on a live workdir is refused at once.
+    """
     parallel.initialize_distributed(config.distributed)
     config_schema.validate(config)
     mesh = parallel.create_mesh(config.num_devices)
     main = parallel.is_main_process()
     workdir = Path(workdir).absolute()
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        cleanup.enter_context(workdir_lock.acquire(workdir))  # also makes the workdir
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)

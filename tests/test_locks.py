@@ -1,0 +1,143 @@
+"""The workdir lock (wtjax/job/workdir_lock.py): one live job per workdir, free again when its owner
+dies (kill -9 included), exactly one winner among concurrent claimants, re-entrant for the sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from train_utils import HOLD_LOCK, ROOT, hold_lock, load_config, subprocess_env
+
+from wtjax.job import workdir_lock
+from wtjax.job.train import train_and_evaluate
+
+
+@pytest.fixture
+def holder(tmp_path):
+    proc = hold_lock(tmp_path)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_job_on_a_live_workdir_is_refused_at_once(tmp_path, holder):
+    config = load_config("tiny", num_devices=1, tensorboard=False)
+    t0 = time.perf_counter()
+    with pytest.raises(workdir_lock.WorkdirLocked) as info:
+        train_and_evaluate(config, tmp_path)
+    message = str(info.value)
+    assert f"process {holder.pid} on host {socket.gethostname()}" in message and "\n" not in message
+    assert time.perf_counter() - t0 < 10  # no data, model or compile first
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_lock_of_a_killed_owner_is_free_and_a_failed_job_releases_its_own(tmp_path, holder):
+    assert workdir_lock.try_acquire(tmp_path) is None
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with workdir_lock.acquire(tmp_path):  # the kernel released it: nothing stale to take over
+        assert hold_fails(tmp_path)
+    # A job that raised after locking the workdir has released its lock.
+    config = load_config("tiny", num_devices=1, tensorboard=False, batch_size=128)
+    with pytest.raises(ValueError, match="exceeds the 64 training examples"):
+        train_and_evaluate(config, tmp_path)
+    proc = hold_lock(tmp_path)
+    proc.kill()
+    proc.wait()
+
+
+def hold_fails(workdir) -> bool:
+    """Whether another process is refused the lock of ``workdir`` (its one-line error names us)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HOLD_LOCK, workdir_lock.__file__, str(workdir)], capture_output=True, text=True
+    )
+    return proc.returncode != 0 and f"process {os.getpid()} on host" in proc.stderr
+
+
+def test_the_lock_is_reentrant_in_its_thread_only(tmp_path):
+    outer = workdir_lock.acquire(tmp_path)
+    inner = workdir_lock.acquire(tmp_path / ".")  # the sweep's hold, then its job's
+    other = []
+    thread = threading.Thread(target=lambda: other.append(workdir_lock.try_acquire(tmp_path)))
+    thread.start()
+    thread.join()
+    assert other == [None]
+    inner.release()
+    inner.release()  # idempotent: the outer hold stays
+    assert hold_fails(tmp_path)
+    outer.release()
+    workdir_lock.acquire(tmp_path).release()
+
+
+def test_an_unlockable_filesystem_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(OSError, match=r"cannot lock .*\.wtjax\.lock: No locks available; .*flock"):
+        workdir_lock.acquire(tmp_path)
+
+
+# Many `sweep run` processes claim one run whose workdir holds a stale lock of a dead process; each
+# claimant reports whether it won, and the winner holds its lock until every claimant has tried.
+CLAIMANTS = textwrap.dedent(
+    """
+    import multiprocessing as mp, socket, subprocess, sys
+    from pathlib import Path
+    from wtjax.tools import sweep
+
+    def claim(workdir, start, tried, wins):
+        start.wait()
+        lock = sweep._claim(Path(workdir))
+        with wins.get_lock():
+            wins.value += bool(lock)
+        tried.wait()
+
+    if __name__ == "__main__":
+        root, trials, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        ctx = mp.get_context("fork")  # cheap children; this driver never started jax
+        winners = []
+        for t in range(trials):
+            workdir = root / str(t)
+            workdir.mkdir()
+            (workdir / sweep.LOCK).write_text(f"{socket.gethostname()} {dead.pid}")
+            start, tried, wins = ctx.Barrier(n), ctx.Barrier(n), ctx.Value("i", 0)
+            procs = [ctx.Process(target=claim, args=(str(workdir), start, tried, wins)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(60)
+            winners.append(wins.value)
+        print(winners)
+    """
+)
+
+
+def test_exactly_one_of_many_concurrent_claimants_wins(tmp_path):
+    driver = tmp_path / "claimants.py"
+    driver.write_text(CLAIMANTS)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(driver), str(runs), "30", "12"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str([1] * 30)
