@@ -202,7 +202,10 @@ def _jit_steps(run: _Run, model, tx, schedule, dropout_key, train_hooks, frozen)
     """``(train_step(state, batch), evaluate(state) -> eval metrics)``, jitted for the mesh."""
     # Gradient accumulation's micro-batches are laid out for a batch split over all mesh devices.
     accum = {"grad_accum_steps": run.config.grad_accum_steps, "batch_shards": run.mesh.size}
-    step_fn = steps.make_train_step(model, tx, schedule, dropout_key, train_hooks, **accum)
+    policy = run.config.solver_failure
+    step_fn = steps.make_train_step(
+        model, tx, schedule, dropout_key, train_hooks, **accum, solver_failure=policy
+    )
     jitted = parallel.jit_train_step(_trace_once(step_fn), run.mesh, len(frozen))
     eval_step = steps.make_eval_step(model, run.total_steps, train_hooks)
     eval_step = jax.jit(eval_step, out_shardings=parallel.replicated(run.mesh))
@@ -243,29 +246,52 @@ def _trace_once(fn):
 
 
 class _PendingMetrics:
-    """Per-step device values not fetched yet (fetching every step would stall the device)."""
+    """Per-step device values not fetched yet (fetching every step would stall the device).
 
-    def __init__(self, checkpointer, total_steps: int):
-        self.checkpointer, self.total_steps, self.items = checkpointer, total_steps, []
+    ``check`` fetches and guards them (NaN; a failed solve under ``solver_failure='stop'``) and
+    keeps them; ``flush`` checks and returns the averages of every step kept since the last flush.
+    """
+
+    def __init__(self, checkpointer, total_steps: int, stop_on_solver_failure: bool = False):
+        self.checkpointer, self.total_steps, self.items, self.checked = checkpointer, total_steps, [], []
+        self.stop_on_solver_failure = stop_on_solver_failure
 
     def add(self, step: int, step_metrics: dict, finite) -> None:
         self.items.append((step, step_metrics, finite))
 
-    def flush(self) -> dict:
-        """Fetch the pending steps; raise on the first non-finite one; return their averages."""
+    def check(self) -> None:
+        """Fetch the pending steps; raise on the first non-finite one (or failed solve under 'stop')."""
         fetched, self.items = jax.device_get(self.items), []
-        for s, _, finite in fetched:
+        for s, m, finite in fetched:
             if not finite:
-                self.checkpointer.close()
-                good = self.checkpointer.latest_step()
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {s} (training step {s + 1} of {self.total_steps}); "
-                    f"stopped without saving it. Last good checkpoint: "
-                    f"{'none' if good is None else self.checkpointer.directory / str(good)}"
+                raise FloatingPointError(f"non-finite loss or gradient at step {s} {self._stopped(s)}")
+            if self.stop_on_solver_failure and m.get(metrics.SOLVER_FAILED, 0) > 0:
+                failed = ", ".join(f"{k} = {m[k]:g}" for k in steps.solver_failure_keys(m) if m[k] > 0)
+                raise steps.SolverFailed(
+                    f"solver failure at step {s}: {failed} under config.solver_failure='stop' (give the "
+                    "solver more iterations or a looser tol, or set solver_failure to 'skip' or 'log') "
+                    + self._stopped(s)
                 )
+        self.checked += fetched
+
+    def _stopped(self, s: int) -> str:
+        """The end of a stop message: the step and the last checkpoint kept (after closing them)."""
+        self.checkpointer.close()
+        good = self.checkpointer.latest_step()
+        last = "none" if good is None else self.checkpointer.directory / str(good)
+        step = f"training step {s + 1} of {self.total_steps}"
+        return f"({step}); stopped without saving it. Last good checkpoint: {last}"
+
+    def flush(self) -> dict:
+        """Check the pending steps; return the averages (counts: sums) of the steps kept."""
+        self.check()
+        fetched, self.checked = self.checked, []
         if not fetched:
             return {}
         averages = {k: float(np.mean([m[k] for _, m, _ in fetched])) for k in fetched[0][1]}
+        for k in metrics.COUNTS:
+            if k in averages:
+                averages[k] = float(sum(m[k] for _, m, _ in fetched))
         averages[metrics.LEARNING_RATE] = float(fetched[-1][1][metrics.LEARNING_RATE])
         return averages
 
@@ -278,7 +304,8 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
     """
     config, writer = run.config, run.writer
     start_step = int(jax.device_get(state.step))
-    pending, last_train = _PendingMetrics(checkpointer, run.total_steps), {}
+    stop_on_failure = config.solver_failure == "stop"
+    pending, last_train = _PendingMetrics(checkpointer, run.total_steps, stop_on_failure), {}
     progress = metrics.Progress(run.total_steps, start_step, enabled=run.main and config.progress)
     batches = run.dataset.train_batches(config.batch_size, start_step=start_step)
     t_interval, steps_in_interval = time.perf_counter(), 0
@@ -309,7 +336,7 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
                 writer.write(done, evaluate(state))
                 t_interval, steps_in_interval = time.perf_counter(), 0
             if checkpointer.should_save(done) or done == run.total_steps or preempted:
-                pending.flush()  # never save a non-finite state
+                pending.check()  # never save a non-finite state (its metrics wait for the next log)
                 checkpointer.save(done, state)
             if preempted:
                 return state, last_train, done
