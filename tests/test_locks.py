@@ -89,6 +89,50 @@ def test_an_unlockable_filesystem_is_a_clear_error(tmp_path, monkeypatch):
         workdir_lock.acquire(tmp_path)
 
 
+# One process of a two-process job (tests/test_train_parallel.py's set-up).
+JOB_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 1)
+    from train_utils import load_config
+    from wtjax.job.train import train_and_evaluate
+
+    config = load_config(
+        "tiny", None, tensorboard=False,
+        **{"distributed.coordinator_address": sys.argv[2], "distributed.num_processes": 2,
+           "distributed.process_id": int(sys.argv[1])},
+    )
+    train_and_evaluate(config, sys.argv[3])
+    """
+)
+
+
+def test_every_process_of_a_multi_process_job_stops_when_process_0_is_refused(tmp_path, holder):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = subprocess_env(PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{subprocess_env()['PYTHONPATH']}")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", JOB_PROCESS, str(i), address, str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    assert f"WorkdirLocked: workdir {tmp_path} is in use by process {holder.pid}" in errors[0]
+    assert "(process 0 was refused its lock)" in errors[1]
+
+
 # Many `sweep run` processes claim one run whose workdir holds a stale lock of a dead process; each
 # claimant reports whether it won, and the winner holds its lock until every claimant has tried.
 CLAIMANTS = textwrap.dedent(

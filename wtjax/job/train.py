@@ -130,12 +130,35 @@ def _open_run(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
     mesh = parallel.create_mesh(config.num_devices)
     main = parallel.is_main_process()
     workdir = Path(workdir).absolute()
+    _lock_workdir(workdir, main, cleanup)
     if main:
-        cleanup.enter_context(workdir_lock.acquire(workdir))  # also makes the workdir
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
     return _Run(config, mesh, main, workdir, writer)
+
+
+def _lock_workdir(workdir: Path, main: bool, cleanup: contextlib.ExitStack) -> None:
+    """Process 0 locks (and makes) the workdir; ``cleanup`` releases the lock.
+
+    In a multi-process job every process learns whether process 0 got it, so all of them stop
+    at once when it was refused, instead of the others waiting for process 0 in a collective.
+    """
+    refused = None
+    if main:
+        try:
+            cleanup.enter_context(workdir_lock.acquire(workdir))
+        except workdir_lock.WorkdirLocked as e:
+            refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(refused is None)) and not main:
+            raise workdir_lock.WorkdirLocked(
+                f"workdir {workdir} is in use by another job (process 0 was refused its lock)"
+            )
+    if refused is not None:
+        raise refused
 
 
 def _open_data(run: _Run) -> None:
