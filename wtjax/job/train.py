@@ -6,7 +6,9 @@ eval steps; (6) the loop (metrics, NaN guard, evaluation, checkpoints, preemptio
 evaluation and summary.
 
 Conventions of the model's ``out`` dict honoured here: ``out['aux_loss']`` (a scalar) is added to
-the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``.
+the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``;
+keys ending in ``_nonconverged``/``_diverged`` count failed solves, handled by
+``config.solver_failure`` (log, skip the step, stop; :mod:`wtjax.job.steps`).
 Models whose ``__call__`` declares a ``step`` keyword get the current step (e.g. a DEQ that
 switches from weight-tied pre-training to its solver).
 
@@ -74,6 +76,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
         last checkpoint written before it is kept).
+      wtjax.job.steps.SolverFailed: a solve failed under ``config.solver_failure='stop'`` (the
+        message names the step and the metric; the last checkpoint written before it is kept).
       wtjax.job.workdir_lock.WorkdirLocked: another live job holds ``workdir`` (refused at once).
     """
     with contextlib.ExitStack() as cleanup:  # releases the workdir lock however the job ends

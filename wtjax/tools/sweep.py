@@ -19,7 +19,9 @@ root, which also makes the ``experiments`` package they import importable)::
 
 Each run trains in its own workdir ``<root>/<scale>/<id>`` (``--root``, default ``./runs/studies``)
 with :func:`wtjax.job.train.train_and_evaluate`, so an interrupted run resumes from its last
-checkpoint and a finished one (``summary.json`` in its workdir) is skipped. Its result (the run
+checkpoint and a finished one (``summary.json`` in its workdir) is skipped. The workdir is locked
+while its run trains (:mod:`wtjax.job.workdir_lock`): several ``sweep run`` processes, on one host
+or on hosts sharing the root over NFS, share one list of runs, each run trained once. Its result (the run
 definition, the job's summary, the eval curve and the median step time) is then written to
 ``<results>/<scale>/<id>.json`` (``--results``, default ``./experiments/results``); these small
 files are what gets committed and aggregated, the workdirs (checkpoints) stay local. The
