@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from train_utils import HOLD_LOCK, ROOT, hold_lock, load_config, subprocess_env
+from train_utils import HOLD_LOCK, ROOT, hold_lock, load_config, run_main, subprocess_env
 
 from wtjax.job import workdir_lock
 from wtjax.job.train import train_and_evaluate
@@ -37,6 +37,15 @@ def test_a_second_job_on_a_live_workdir_is_refused_at_once(tmp_path, holder):
     assert time.perf_counter() - t0 < 10  # no data, model or compile first
     assert info.value.__cause__ is None and info.value.__context__ is None
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_command_refuses_a_live_workdir_in_one_line(tmp_path, holder):
+    proc = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}"], timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"wtjax: workdir {tmp_path} is in use by process {holder.pid} on host {socket.gethostname()} "
+        "(lock .wtjax.lock): wait for that job to end or stop it, or use another workdir"
+    )
 
 
 def test_the_lock_of_a_killed_owner_is_free_and_a_failed_job_releases_its_own(tmp_path, holder):
