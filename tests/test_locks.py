@@ -86,6 +86,40 @@ def test_the_lock_is_reentrant_in_its_thread_only(tmp_path):
     workdir_lock.acquire(tmp_path).release()
 
 
+# Locks the workdir, forks a child that outlives it (e.g. a data worker), then dies by kill -9.
+FORK_THEN_DIE = textwrap.dedent(
+    """
+    import importlib.util, os, signal, sys, time
+    spec = importlib.util.spec_from_file_location("workdir_lock", sys.argv[1])
+    module = sys.modules["workdir_lock"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lock = module.acquire(sys.argv[2])
+    if os.fork() == 0:  # the fork hooks have run when fork returns
+        print("child", flush=True)
+        time.sleep(600)
+    print("parent", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_forked_child_does_not_keep_a_dead_owners_lock(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_THEN_DIE, workdir_lock.__file__, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the child's group, to end it
+    )
+    try:
+        assert {proc.stdout.readline().strip() for _ in range(2)} == {"child", "parent"}
+        proc.wait()
+        lock = workdir_lock.try_acquire(tmp_path)  # the child still runs, without the lock
+        assert lock is not None
+        lock.release()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_an_unlockable_filesystem_is_a_clear_error(tmp_path, monkeypatch):
     import errno
     import fcntl

@@ -51,10 +51,13 @@ _guard = threading.Lock()
 
 def _forget_in_child() -> None:
     # A forked child shares the parent's open lock files; closing its copies (no LOCK_UN, which
-    # would release the parent's lock) leaves the lock with the parent alone.
+    # would release the parent's lock) leaves the lock with the parent alone. A new guard: another
+    # thread of the parent may have held the old one at the fork.
+    global _guard
     for held in _held.values():
         os.close(held.fd)
     _held.clear()
+    _guard = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
