@@ -95,9 +95,9 @@ FORK_THEN_DIE = textwrap.dedent(
     spec.loader.exec_module(module)
     lock = module.acquire(sys.argv[2])
     if os.fork() == 0:  # the fork hooks have run when fork returns
-        print("child", flush=True)
+        os.write(1, b"child\\n")  # one write each: the two lines cannot interleave
         time.sleep(600)
-    print("parent", flush=True)
+    os.write(1, b"parent\\n")
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
