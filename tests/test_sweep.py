@@ -6,13 +6,15 @@ studies import the ``experiments`` package.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from train_utils import hold_lock
 
 from experiments import report
 from wtjax.job import config as config_schema
@@ -94,25 +96,41 @@ def test_a_failing_run_is_reported_after_the_others_ran(tmp_path):
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed.*'b'"):
         sweep.execute([tiny("a", 0), tiny("b", 1), tiny("c", 2)], **kw)
     assert [seed for seed, _ in calls] == [0, 2] and not (tmp_path / "results" / "cpu" / "b.json").exists()
-    assert not (tmp_path / "runs" / "cpu" / "b" / sweep.LOCK).exists()
+    assert lock_is_free(tmp_path / "runs" / "cpu" / "b")
 
 
-def test_a_run_locked_by_a_live_process_is_left_to_it_and_a_stale_lock_is_taken(tmp_path):
+def lock_is_free(workdir) -> bool:
+    """Whether nobody, this process included, holds the lock of ``workdir`` (a fresh flock)."""
+    with open(workdir / sweep.LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+def test_a_run_locked_by_a_live_process_is_left_to_it_and_a_dead_ones_lock_is_taken(tmp_path):
     calls = []
     kw = dict(
         scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results", train_fn=fake_train(calls)
     )
-    lock = tmp_path / "runs" / "cpu" / "a" / sweep.LOCK
-    lock.parent.mkdir(parents=True)
-    import socket
-
-    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # alive: our parent process
+    workdir = tmp_path / "runs" / "cpu" / "a"
+    holder = hold_lock(workdir)
     assert sweep.execute([tiny("a")], **kw) == [] and not calls
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    holder.kill()  # SIGKILL: the kernel frees its lock
+    holder.wait()
+    assert sweep.execute([tiny("a")], **kw) == ["a"] and len(calls) == 1 and lock_is_free(workdir)
+
+
+def test_a_lock_file_holding_garbage_is_no_obstacle(tmp_path):
+    calls = []
+    kw = dict(
+        scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results", train_fn=fake_train(calls)
     )
-    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}")
-    assert sweep.execute([tiny("a")], **kw) == ["a"] and len(calls) == 1 and not lock.exists()
+    for rid, content in (("a", f"{socket.gethostname()} not-a-pid"), ("b", "garbage"), ("c", "")):
+        (tmp_path / "runs" / "cpu" / rid).mkdir(parents=True)
+        (tmp_path / "runs" / "cpu" / rid / sweep.LOCK).write_text(content)
+    assert sweep.execute([tiny("a"), tiny("b"), tiny("c")], **kw) == ["a", "b", "c"] and len(calls) == 3
 
 
 def test_a_real_tiny_run_trains_once_then_is_skipped(tmp_path):

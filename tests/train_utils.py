@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import flax.linen as nn
@@ -174,3 +175,30 @@ class ProbeModel(nn.Module):
         if train and self.nan_from_step >= 0:
             logits = jnp.where(seen >= self.nan_from_step, jnp.nan, logits)
         return logits, {"pre_logits": images, "aux_loss": aux, "metrics": {"seen_step": seen}}
+
+
+# The holder loads the lock module by path: it is stdlib-only, and this skips importing jax.
+HOLD_LOCK = textwrap.dedent(
+    """
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("workdir_lock", sys.argv[1])
+    module = sys.modules["workdir_lock"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lock = module.acquire(sys.argv[2])
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def hold_lock(workdir) -> subprocess.Popen:
+    """A subprocess holding the lock of ``workdir`` (returned once it holds it; kill it to free it)."""
+    from wtjax.job import workdir_lock
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, workdir_lock.__file__, str(workdir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

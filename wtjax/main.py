@@ -6,7 +6,8 @@
 
 Rerunning the same command resumes from the newest checkpoint in the workdir. A notebook does the
 same with ``train.train_and_evaluate(get_config(), workdir)``. On SIGTERM (a preemption notice)
-the job saves the step it reached and exits with status 0.
+the job saves the step it reached and exits with status 0. A workdir in use by another live job
+is refused at once: one line on stderr, status 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wtjax.job import parallel, preemption, train
+from wtjax.job import parallel, preemption, train, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True
@@ -42,6 +43,8 @@ def main(argv):
         # Saved and stopped on a preemption notice (the job printed the checkpoint): a clean stop,
         # exit status 0; rerunning resumes. Unlike a finished run, the workdir has no summary.json.
         return
+    except workdir_lock.WorkdirLocked as e:
+        raise SystemExit(f"wtjax: {e}") from None  # one line, status 1: nothing ran, nothing to trace
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ml_collections import config_dict
 
 from wtjax.data.fields import data_config, read_data_config
 from wtjax.job.config_model import MASK_FIELDS, check_model_config, model_config, model_from_config
+from wtjax.job.steps import SOLVER_FAILURE_POLICIES
 
 __all__ = [
     "MASK_FIELDS",
@@ -212,6 +213,9 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     cfg.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
     cfg.checkpoint_every_steps = 1000  # periodic checkpoints (the final step is always saved)
     cfg.keep_checkpoints = 2  # how many checkpoints to keep
+    # A failed solve (a model metric *_nonconverged or *_diverged > 0, e.g. a DEQ's): 'log' (count it
+    # in train/solver_failed_steps and train on), 'skip' (also leave the step's update out) or 'stop'.
+    cfg.solver_failure = "log"
     cfg.async_checkpointing = True  # write checkpoints in a background thread
     cfg.num_devices = config_dict.placeholder(int)  # None: every device (of every process)
     cfg.distributed = config_dict.ConfigDict(
@@ -248,7 +252,8 @@ def validate(config) -> None:
     Checks: no unknown or missing top-level keys; the ``data`` section is complete with no unknown
     fields (:func:`wtjax.data.fields.read_data_config`); ``optim`` and ``pruning`` have no unknown
     fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
-    devices is checked by :func:`wtjax.job.parallel.check_batch_size`); ``config.model`` names a
+    devices is checked by :func:`wtjax.job.parallel.check_batch_size`); ``solver_failure`` is a
+    policy of :data:`wtjax.job.steps.SOLVER_FAILURE_POLICIES`; ``config.model`` names a
     registered model and only its fields, with valid mask values and dtype
     (:func:`~wtjax.job.config_model.check_model_config`; the job builds the model once, when
     the dataset's number of classes is known, and the model checks its own values then).
@@ -273,4 +278,8 @@ def validate(config) -> None:
         raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     if config.batch_size % accum:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
+    if config.solver_failure not in SOLVER_FAILURE_POLICIES:
+        raise ValueError(
+            f"solver_failure must be one of {SOLVER_FAILURE_POLICIES}, got {config.solver_failure!r}"
+        )
     check_model_config(config.model)

@@ -27,6 +27,13 @@ IMAGES_PER_SEC = "train/images_per_sec"  # global images per second of wall time
 STEP_TIME = "train/step_time_s"  # wall seconds per step over the interval
 COMPILE_TIME = "train/first_step_s"  # wall seconds of the first step (compilation included)
 MODEL_PREFIX = "train/model/"  # + a key of out['metrics'] (e.g. DEQ solver steps/residuals)
+# Solver health (config.solver_failure, wtjax/job/steps.py). A key of out['metrics'] ending in one of
+# these counts failed solves (> 0: the step's forward or backward solve failed); the DEQ models and
+# the implicit solvers' helpers keep to this naming.
+SOLVER_FAILURE_SUFFIXES = ("_nonconverged", "_diverged")
+SOLVER_FAILED = "train/solver_failed_steps"  # steps of the interval with a failed solve
+SKIPPED_STEPS = "train/skipped_steps"  # steps of the interval left out (solver_failure='skip')
+COUNTS = (SOLVER_FAILED, SKIPPED_STEPS)  # summed over the interval, not averaged
 # Evaluation on the dataset's eval split (test set or holdout; see Dataset.eval_split).
 EVAL_LOSS = "eval/loss"
 EVAL_ACCURACY = "eval/accuracy"

@@ -9,10 +9,18 @@ Model contract: ``model.apply({'params': p}, images, train=..., rngs=...)`` retu
 declares a ``step`` keyword receives the current step.
 
 The loss is the mean softmax cross-entropy over the (global) batch, plus ``aux_loss``.
+
+Solver failures (``config.solver_failure``, :data:`SOLVER_FAILURE_POLICIES`): a model metric whose
+key ends in ``_nonconverged`` or ``_diverged`` (:data:`wtjax.job.metrics.SOLVER_FAILURE_SUFFIXES`)
+counts failed solves; a step where any is > 0 is counted in ``train/solver_failed_steps``. Under
+``'skip'`` that step leaves the params and optimizer state unchanged (and is counted in
+``train/skipped_steps``); under ``'stop'`` the job raises :class:`SolverFailed` at the next
+metrics flush. Models without such metrics get the same program under every policy.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -22,6 +30,21 @@ import optax
 from wtjax.job import metrics
 from wtjax.job.hooks import apply_variables
 from wtjax.job.state import TrainState
+
+# 'log' (default): count failed solves and train on, as before the policy existed (a DEQ's early
+# steps often leave some samples above tol; stopping or skipping by default would end or change
+# existing runs). 'skip': count them and leave the step's update out. 'stop': raise at the next flush.
+SOLVER_FAILURE_POLICIES = ("log", "skip", "stop")
+
+
+class SolverFailed(RuntimeError):
+    """A forward or backward solve failed under ``config.solver_failure='stop'``."""
+
+
+def solver_failure_keys(names) -> list[str]:
+    """The step metric names (``train/model/<key>``) that count failed solves."""
+    prefix, suffixes = metrics.MODEL_PREFIX, metrics.SOLVER_FAILURE_SUFFIXES
+    return sorted(k for k in names if k.startswith(prefix) and k.endswith(suffixes))
 
 
 def takes_step(model) -> bool:
@@ -57,7 +80,9 @@ def make_init_state(model, tx, image_shape, params_key, hooks=()):
     return init_state
 
 
-def make_train_step(model, tx, schedule, dropout_key, hooks=(), *, grad_accum_steps=1, batch_shards=1):
+def make_train_step(
+    model, tx, schedule, dropout_key, hooks=(), *, grad_accum_steps=1, batch_shards=1, solver_failure="log"
+):
     """``train_step(state, batch, *frozen) -> (new_state, (step_metrics, finite))``.
 
     The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a step depends only on the
@@ -76,7 +101,12 @@ def make_train_step(model, tx, schedule, dropout_key, hooks=(), *, grad_accum_st
     batch up to float summation order. Micro-batch ``m`` of step ``s`` uses the dropout key
     ``fold_in(fold_in(dropout_key, s), m)`` (independent masks per micro-batch, so with dropout
     the result is a different, equally valid draw than the large batch's).
+
+    ``solver_failure``: ``'log'``, ``'skip'`` or ``'stop'`` (module docstring; ``'stop'`` is the
+    caller's to apply, from ``train/solver_failed_steps``).
     """
+    if solver_failure not in SOLVER_FAILURE_POLICIES:
+        raise ValueError(f"solver_failure must be one of {SOLVER_FAILURE_POLICIES}, got {solver_failure!r}")
     grad_fn = _grads_and_metrics(model, hooks)
 
     def train_step(state: TrainState, batch, *frozen):
@@ -95,9 +125,33 @@ def make_train_step(model, tx, schedule, dropout_key, hooks=(), *, grad_accum_st
         new_state = state.replace(
             step=step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state
         )
+        new_state = _apply_solver_policy(solver_failure, state, new_state, step_metrics)
         return new_state, (step_metrics, finite)
 
     return train_step
+
+
+def _apply_solver_policy(policy: str, state, new_state, step_metrics: dict):
+    """Count a failed solve of this step in ``step_metrics``; under ``'skip'``, undo its update.
+
+    A model without solver-failure metrics is left as it is (the same compiled program).
+    """
+    keys = solver_failure_keys(step_metrics)
+    if not keys:
+        return new_state
+    failed = functools.reduce(jnp.logical_or, [step_metrics[k] > 0 for k in keys])
+    step_metrics[metrics.SOLVER_FAILED] = failed.astype(jnp.float32)
+    if policy != "skip":
+        return new_state
+    step_metrics[metrics.SKIPPED_STEPS] = failed.astype(jnp.float32)
+
+    def keep(new, old):  # a select inside the program: no host round trip per step
+        return jnp.where(failed, old, new)
+
+    return new_state.replace(
+        params=jax.tree.map(keep, new_state.params, state.params),
+        opt_state=jax.tree.map(keep, new_state.opt_state, state.opt_state),
+    )
 
 
 def _accumulate(grad_fn, params, state, frozen, micro, step, step_key):

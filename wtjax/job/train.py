@@ -6,7 +6,9 @@ eval steps; (6) the loop (metrics, NaN guard, evaluation, checkpoints, preemptio
 evaluation and summary.
 
 Conventions of the model's ``out`` dict honoured here: ``out['aux_loss']`` (a scalar) is added to
-the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``.
+the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``train/model/<key>``;
+keys ending in ``_nonconverged``/``_diverged`` count failed solves, handled by
+``config.solver_failure`` (log, skip the step, stop; :mod:`wtjax.job.steps`).
 Models whose ``__call__`` declares a ``step`` keyword get the current step (e.g. a DEQ that
 switches from weight-tied pre-training to its solver).
 
@@ -19,6 +21,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps
+from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps, workdir_lock
 from wtjax.job import config as config_schema
 from wtjax.job.state import TrainState
 
@@ -73,9 +76,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
         last checkpoint written before it is kept).
+      wtjax.job.steps.SolverFailed: a solve failed under ``config.solver_failure='stop'`` (the
+        message names the step and the metric; the last checkpoint written before it is kept).
+      wtjax.job.workdir_lock.WorkdirLocked: another live job holds ``workdir`` (refused at once).
     """
+    with contextlib.ExitStack() as cleanup:  # releases the workdir lock however the job ends
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
-    run = _open_run(config, workdir)  # 1. Processes, devices, workdir.
+    run = _open_run(config, workdir, cleanup)  # 1. Processes, devices, workdir.
     _open_data(run)  # 2. Data.
     # 3. Model, optimizer, hooks.
     image_shape = run.dataset.image_shape
@@ -112,19 +123,46 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 # ---------------------------------------------------------------------------- 1, 2: run and data
 
 
-def _open_run(config, workdir) -> _Run:
-    """Start the processes, check the config, make the mesh and the workdir (``config.json``)."""
+def _open_run(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
+    """Start the processes, check the config, make the mesh and the workdir (``config.json``).
+
+    Process 0 locks the workdir (:mod:`wtjax.job.workdir_lock`, released by ``cleanup``) before
+    writing to it: a second job on a live workdir is refused at once.
+    """
     parallel.initialize_distributed(config.distributed)
     config_schema.validate(config)
     mesh = parallel.create_mesh(config.num_devices)
     main = parallel.is_main_process()
     workdir = Path(workdir).absolute()
+    _lock_workdir(workdir, main, cleanup)
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
     return _Run(config, mesh, main, workdir, writer)
+
+
+def _lock_workdir(workdir: Path, main: bool, cleanup: contextlib.ExitStack) -> None:
+    """Process 0 locks (and makes) the workdir; ``cleanup`` releases the lock.
+
+    In a multi-process job every process learns whether process 0 got it, so all of them stop
+    at once when it was refused, instead of the others waiting for process 0 in a collective.
+    """
+    refused = None
+    if main:
+        try:
+            cleanup.enter_context(workdir_lock.acquire(workdir))
+        except workdir_lock.WorkdirLocked as e:
+            refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(refused is None)) and not main:
+            raise workdir_lock.WorkdirLocked(
+                f"workdir {workdir} is in use by another job (process 0 was refused its lock)"
+            )
+    if refused is not None:
+        raise refused
 
 
 def _open_data(run: _Run) -> None:
@@ -191,7 +229,10 @@ def _jit_steps(run: _Run, model, tx, schedule, dropout_key, train_hooks, frozen)
     """``(train_step(state, batch), evaluate(state) -> eval metrics)``, jitted for the mesh."""
     # Gradient accumulation's micro-batches are laid out for a batch split over all mesh devices.
     accum = {"grad_accum_steps": run.config.grad_accum_steps, "batch_shards": run.mesh.size}
-    step_fn = steps.make_train_step(model, tx, schedule, dropout_key, train_hooks, **accum)
+    policy = run.config.solver_failure
+    step_fn = steps.make_train_step(
+        model, tx, schedule, dropout_key, train_hooks, **accum, solver_failure=policy
+    )
     jitted = parallel.jit_train_step(_trace_once(step_fn), run.mesh, len(frozen))
     eval_step = steps.make_eval_step(model, run.total_steps, train_hooks)
     eval_step = jax.jit(eval_step, out_shardings=parallel.replicated(run.mesh))
@@ -232,29 +273,52 @@ def _trace_once(fn):
 
 
 class _PendingMetrics:
-    """Per-step device values not fetched yet (fetching every step would stall the device)."""
+    """Per-step device values not fetched yet (fetching every step would stall the device).
 
-    def __init__(self, checkpointer, total_steps: int):
-        self.checkpointer, self.total_steps, self.items = checkpointer, total_steps, []
+    ``check`` fetches and guards them (NaN; a failed solve under ``solver_failure='stop'``) and
+    keeps them; ``flush`` checks and returns the averages of every step kept since the last flush.
+    """
+
+    def __init__(self, checkpointer, total_steps: int, stop_on_solver_failure: bool = False):
+        self.checkpointer, self.total_steps, self.items, self.checked = checkpointer, total_steps, [], []
+        self.stop_on_solver_failure = stop_on_solver_failure
 
     def add(self, step: int, step_metrics: dict, finite) -> None:
         self.items.append((step, step_metrics, finite))
 
-    def flush(self) -> dict:
-        """Fetch the pending steps; raise on the first non-finite one; return their averages."""
+    def check(self) -> None:
+        """Fetch the pending steps; raise on the first non-finite one (or failed solve under 'stop')."""
         fetched, self.items = jax.device_get(self.items), []
-        for s, _, finite in fetched:
+        for s, m, finite in fetched:
             if not finite:
-                self.checkpointer.close()
-                good = self.checkpointer.latest_step()
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {s} (training step {s + 1} of {self.total_steps}); "
-                    f"stopped without saving it. Last good checkpoint: "
-                    f"{'none' if good is None else self.checkpointer.directory / str(good)}"
+                raise FloatingPointError(f"non-finite loss or gradient at step {s} {self._stopped(s)}")
+            if self.stop_on_solver_failure and m.get(metrics.SOLVER_FAILED, 0) > 0:
+                failed = ", ".join(f"{k} = {m[k]:g}" for k in steps.solver_failure_keys(m) if m[k] > 0)
+                raise steps.SolverFailed(
+                    f"solver failure at step {s}: {failed} under config.solver_failure='stop' (give the "
+                    "solver more iterations or a looser tol, or set solver_failure to 'skip' or 'log') "
+                    + self._stopped(s)
                 )
+        self.checked += fetched
+
+    def _stopped(self, s: int) -> str:
+        """The end of a stop message: the step and the last checkpoint kept (after closing them)."""
+        self.checkpointer.close()
+        good = self.checkpointer.latest_step()
+        last = "none" if good is None else self.checkpointer.directory / str(good)
+        step = f"training step {s + 1} of {self.total_steps}"
+        return f"({step}); stopped without saving it. Last good checkpoint: {last}"
+
+    def flush(self) -> dict:
+        """Check the pending steps; return the averages (counts: sums) of the steps kept."""
+        self.check()
+        fetched, self.checked = self.checked, []
         if not fetched:
             return {}
         averages = {k: float(np.mean([m[k] for _, m, _ in fetched])) for k in fetched[0][1]}
+        for k in metrics.COUNTS:
+            if k in averages:
+                averages[k] = float(sum(m[k] for _, m, _ in fetched))
         averages[metrics.LEARNING_RATE] = float(fetched[-1][1][metrics.LEARNING_RATE])
         return averages
 
@@ -267,7 +331,8 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
     """
     config, writer = run.config, run.writer
     start_step = int(jax.device_get(state.step))
-    pending, last_train = _PendingMetrics(checkpointer, run.total_steps), {}
+    stop_on_failure = config.solver_failure == "stop"
+    pending, last_train = _PendingMetrics(checkpointer, run.total_steps, stop_on_failure), {}
     progress = metrics.Progress(run.total_steps, start_step, enabled=run.main and config.progress)
     batches = run.dataset.train_batches(config.batch_size, start_step=start_step)
     t_interval, steps_in_interval = time.perf_counter(), 0
@@ -298,7 +363,7 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
                 writer.write(done, evaluate(state))
                 t_interval, steps_in_interval = time.perf_counter(), 0
             if checkpointer.should_save(done) or done == run.total_steps or preempted:
-                pending.flush()  # never save a non-finite state
+                pending.check()  # never save a non-finite state (its metrics wait for the next log)
                 checkpointer.save(done, state)
             if preempted:
                 return state, last_train, done

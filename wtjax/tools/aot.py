@@ -131,7 +131,9 @@ def abstract_step_args(config, mesh: Mesh, image_shape: Sequence[int], num_class
         () if finetune is None else (lora_finetune.FinetuneHook(finetune),)
     )  # the frozen base: an argument
     accum = {"grad_accum_steps": config.grad_accum_steps, "batch_shards": mesh.size}
-    step = steps.make_train_step(model, tx, schedule, key, hooks, **accum)
+    step = steps.make_train_step(
+        model, tx, schedule, key, hooks, **accum, solver_failure=config.solver_failure
+    )
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     state, frozen = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(init_all)

@@ -19,7 +19,9 @@ root, which also makes the ``experiments`` package they import importable)::
 
 Each run trains in its own workdir ``<root>/<scale>/<id>`` (``--root``, default ``./runs/studies``)
 with :func:`wtjax.job.train.train_and_evaluate`, so an interrupted run resumes from its last
-checkpoint and a finished one (``summary.json`` in its workdir) is skipped. Its result (the run
+checkpoint and a finished one (``summary.json`` in its workdir) is skipped. The workdir is locked
+while its run trains (:mod:`wtjax.job.workdir_lock`): several ``sweep run`` processes, on one host
+or on hosts sharing the root over NFS, share one list of runs, each run trained once. Its result (the run
 definition, the job's summary, the eval curve and the median step time) is then written to
 ``<results>/<scale>/<id>.json`` (``--results``, default ``./experiments/results``); these small
 files are what gets committed and aggregated, the workdirs (checkpoints) stay local. The
@@ -33,15 +35,15 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import shlex
-import socket
 import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from wtjax.job import workdir_lock
 
 # The command's defaults, relative to the current directory (the repository root for its studies).
 CLI_ROOT = "runs/studies"
@@ -198,24 +200,20 @@ def execute(
     for n, run in enumerate(todo, 1):
         workdir = Path(root) / scale / run.id
         out = result_path(results_dir, scale, run)
-        if out.exists() or not _claim(workdir):
-            continue  # finished or being trained by another sweep process meanwhile
-        t0 = time.perf_counter()
-        print(f"[{n}/{len(todo)}] {run.id}\n  {run.command(workdir)}", flush=True)
-        try:
-            if not (workdir / "summary.json").exists():
-                train_fn(load_config(run), str(workdir))
-            result = collect(run, workdir)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-            tmp.rename(out)  # atomic: a killed sweep leaves no partial result
-        except Exception:  # one broken run (e.g. a NaN) must not stop the sweep: report it at the end
-            traceback.print_exc()
-            failed.append(run.id)
-            continue
-        finally:
-            (workdir / LOCK).unlink(missing_ok=True)
+        lock = _claim(workdir)
+        if lock is None:
+            continue  # being trained by another sweep process
+        with lock:  # held while training: the job's own lock on the workdir re-enters it
+            if out.exists():
+                continue  # finished by another sweep process meanwhile
+            t0 = time.perf_counter()
+            print(f"[{n}/{len(todo)}] {run.id}\n  {run.command(workdir)}", flush=True)
+            try:
+                result = _train_and_collect(run, workdir, out, train_fn)
+            except Exception:  # one broken run (e.g. a NaN) must not stop the sweep: report it at the end
+                traceback.print_exc()
+                failed.append(run.id)
+                continue
         acc = result["summary"].get("eval/accuracy")
         print(
             f"[{n}/{len(todo)}] {run.id}: eval accuracy {acc}, {time.perf_counter() - t0:.0f} s", flush=True
@@ -226,41 +224,29 @@ def execute(
     return done
 
 
-LOCK = ".sweep.lock"
+def _train_and_collect(run: Run, workdir: Path, out: Path, train_fn: Callable) -> dict:
+    """Train ``run`` unless its workdir has ``summary.json``; write and return its result."""
+    if not (workdir / "summary.json").exists():
+        train_fn(load_config(run), str(workdir))
+    result = collect(run, workdir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    tmp.rename(out)  # atomic: a killed sweep leaves no partial result
+    return result
 
 
-def _claim(workdir: Path) -> bool:
-    """Takes the run's lock file, unless a live process on this host holds it.
+LOCK = workdir_lock.LOCK_FILE
+
+
+def _claim(workdir: Path) -> workdir_lock.WorkdirLock | None:
+    """The run's workdir lock (:mod:`wtjax.job.workdir_lock`), or ``None`` if a live process holds it.
 
     Several ``sweep run`` processes can then share one list of runs (one per core, or per GPU)
-    without training a run twice; a lock left by a killed process is taken over.
+    without training a run twice; exactly one of concurrent claimants wins, and the lock of a
+    killed process is free again (the kernel released it).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = workdir / LOCK
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host != socket.gethostname() or _alive(int(pid or 0)):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+    return workdir_lock.try_acquire(workdir)
 
 
 def load_results(runs: Sequence[Run], scale: str, results_dir: str | Path) -> list[dict]:
