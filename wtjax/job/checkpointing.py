@@ -46,6 +46,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._closed = False
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -88,7 +89,10 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.StandardSave(state.checkpoint_tree()), force=True)
 
     def close(self) -> None:
-        """Wait for pending writes and release the manager."""
+        """Wait for pending writes and release the manager (again: nothing to do)."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

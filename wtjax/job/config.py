@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -210,7 +211,7 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     cfg.num_train_steps = config_dict.placeholder(int)  # ... or in steps (overrides num_epochs)
     cfg.log_every_steps = 50  # training metrics (averaged over the interval) + NaN check
     cfg.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
-    cfg.checkpoint_every_steps = 1000  # periodic checkpoints (the final step is always saved)
+    cfg.checkpoint_every_steps = 1000  # periodic checkpoints; 0: only the final step (always saved)
     cfg.keep_checkpoints = 2  # how many checkpoints to keep
     cfg.async_checkpointing = True  # write checkpoints in a background thread
     cfg.num_devices = config_dict.placeholder(int)  # None: every device (of every process)
@@ -247,7 +248,10 @@ def validate(config) -> None:
 
     Checks: no unknown or missing top-level keys; the ``data`` section is complete with no unknown
     fields (:func:`wtjax.data.fields.read_data_config`); ``optim`` and ``pruning`` have no unknown
-    fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
+    fields; the batch sizes, run length and cadences are integers in range (``batch_size``,
+    ``eval_batch_size``, ``num_train_steps``, ``log_every_steps``, ``keep_checkpoints`` ... >= 1,
+    ``eval_every_steps`` and ``checkpoint_every_steps`` >= 0, ``num_epochs`` > 0 unless
+    ``num_train_steps`` is set); ``grad_accum_steps`` divides ``batch_size`` (the division over
     devices is checked by :func:`wtjax.job.parallel.check_batch_size`); ``config.model`` names a
     registered model and only its fields, with valid mask values and dtype
     (:func:`~wtjax.job.config_model.check_model_config`; the job builds the model once, when
@@ -268,9 +272,40 @@ def validate(config) -> None:
         extra = sorted(set(config[section].keys()) - set(reference.keys()))
         if extra:
             raise KeyError(f"unknown {section} field(s) {extra}; known: {sorted(reference.keys())}")
+    _check_run_numbers(config)
     accum = config.grad_accum_steps
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     if config.batch_size % accum:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
     check_model_config(config.model)
+
+
+# The run's integer fields: (key, smallest allowed value, whether None is allowed). Checked before
+# anything runs: a bad value here would otherwise fail late (after compiling, at the first
+# evaluation or the final save) or be silently replaced by a default.
+_RUN_INTEGERS = (
+    ("batch_size", 1, False),
+    ("grad_accum_steps", 1, False),
+    ("eval_batch_size", 1, True),
+    ("num_train_steps", 1, True),
+    ("log_every_steps", 1, False),
+    ("eval_every_steps", 0, True),
+    ("checkpoint_every_steps", 0, False),
+    ("keep_checkpoints", 1, False),
+    ("num_devices", 1, True),
+)
+
+
+def _check_run_numbers(config) -> None:
+    """The run's lengths, batch sizes and cadences are in range (one-line errors naming the key)."""
+    for key, low, optional in _RUN_INTEGERS:
+        value = config[key]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            allowed = f"an integer >= {low}" + (" or None" if optional else "")
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    epochs = config.num_epochs
+    if config.num_train_steps is None and (
+        isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf
+    ):
+        raise ValueError(f"num_epochs must be a number > 0 (or set num_train_steps), got {epochs!r}")

@@ -95,12 +95,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     state, num_params = _restore_or_init(run, checkpointer, init_state, params)
     # 5. Steps.
     train_step, evaluate = _jit_steps(run, model, tx, schedule, dropout_key, train_hooks, frozen)
-    # 6. The loop.
-    state, last_train, preempted_at = _train_loop(run, state, train_step, evaluate, checkpointer)
-    if preempted_at is not None:
-        _stop_for_preemption(run, checkpointer, preempted_at)
-    # 7. Final evaluation and summary.
-    summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
+    try:
+        # 6. The loop.
+        state, last_train, preempted_at = _train_loop(run, state, train_step, evaluate, checkpointer)
+        if preempted_at is not None:
+            _stop_for_preemption(run, checkpointer, preempted_at)
+        # 7. Final evaluation and summary.
+        summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
+    finally:
+        checkpointer.close()  # however the run ends, a save under way is completed, never lost
     for hook in train_hooks:
         summary.update(hook.summary())
     accounting = config.accounting and all(hook.trains_model_params for hook in train_hooks)
@@ -134,7 +137,7 @@ def _open_data(run: _Run) -> None:
     config = run.config
     process_index, process_count = parallel.process_info()
     parallel.check_batch_size(config.batch_size, run.mesh, config.grad_accum_steps)
-    run.eval_batch_size = config.eval_batch_size or config.batch_size
+    run.eval_batch_size = config.batch_size if config.eval_batch_size is None else config.eval_batch_size
     parallel.check_batch_size(run.eval_batch_size, run.mesh)
     dataset = pipeline.create_dataset(
         config.data, seed=config.seed, process_index=process_index, process_count=process_count
@@ -143,7 +146,15 @@ def _open_data(run: _Run) -> None:
     run.steps_per_epoch = dataset.num_train // config.batch_size
     if run.steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} exceeds the {dataset.num_train} training examples")
-    run.total_steps = config.num_train_steps or int(round(config.num_epochs * run.steps_per_epoch))
+    if config.num_train_steps is None:
+        run.total_steps = int(round(config.num_epochs * run.steps_per_epoch))
+        if run.total_steps < 1:
+            raise ValueError(
+                f"num_epochs {config.num_epochs} is less than one step of the {run.steps_per_epoch} "
+                "per epoch; raise num_epochs or set num_train_steps"
+            )
+    else:
+        run.total_steps = config.num_train_steps
     run.eval_every = run.steps_per_epoch if config.eval_every_steps is None else config.eval_every_steps
     run.log(
         f"data: {dataset.name}, {dataset.num_train} train / {dataset.num_eval} eval "
