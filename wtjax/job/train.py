@@ -90,6 +90,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         keep=config.keep_checkpoints,
         every_steps=config.checkpoint_every_steps,
         async_save=config.async_checkpointing,
+        log=run.log,
     )
     init_state = steps.make_init_state(model, tx, image_shape, params_key, train_hooks)
     state, num_params = _restore_or_init(run, checkpointer, init_state, params)
@@ -257,10 +258,10 @@ class _PendingMetrics:
         for s, _, finite in fetched:
             if not finite:
                 self.checkpointer.close()
-                good = self.checkpointer.latest_step()
+                good = self.checkpointer.newest_verified_step()
                 raise FloatingPointError(
                     f"non-finite loss or gradient at step {s} (training step {s + 1} of {self.total_steps}); "
-                    f"stopped without saving it. Last good checkpoint: "
+                    f"stopped without saving it. Last good (verified) checkpoint: "
                     f"{'none' if good is None else self.checkpointer.directory / str(good)}"
                 )
         if not fetched:
