@@ -230,6 +230,9 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     # LoRA fine-tuning of a frozen pretrained model (wtjax.methods.lora_finetune.FinetuneHook); None: off.
     cfg.pretrained = config_dict.placeholder(str)  # local public-layout ViT .npz
     cfg.lora = None  # kind, rank, alpha, depth, density, seed, targets, train_base (configs/vtab_lora.py)
+    # Resume even though fields that change the run differ from the workdir's config.json
+    # (wtjax.job.resume; the changes are recorded in <workdir>/config_history.jsonl).
+    cfg.resume_despite_changes = False
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
     cfg.progress = True  # print a progress line between log steps
     cfg.accounting = True  # print parameter/FLOP accounting at the end

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps
+from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, resume, steps
 from wtjax.job import config as config_schema
 from wtjax.job.state import TrainState
 
@@ -123,9 +123,11 @@ def _open_run(config, workdir) -> _Run:
     mesh = parallel.create_mesh(config.num_devices)
     main = parallel.is_main_process()
     workdir = Path(workdir).absolute()
+    log = functools.partial(print, flush=True) if main else (lambda text: None)
+    changes = resume.check(config, workdir, log)  # every process: a refused resume stops them all
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        resume.record(config, workdir, changes, log)  # config.json (+ config_history.jsonl)
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
     return _Run(config, mesh, main, workdir, writer)
