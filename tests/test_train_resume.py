@@ -50,7 +50,7 @@ def _stored(workdir) -> dict:
         ("data.num_train", 32, "data.num_train 64 -> 32"),
         ("optim.learning_rate", 0.1, "optim.learning_rate 0.01 -> 0.1"),
         ("model.width", 16, "model.width 8 -> 16"),
-        ("num_train_steps", 8, "num_train_steps 4 -> 8"),
+        ("pruning.method", "random", 'pruning.method null -> "random"'),
     ],
 )
 def test_resuming_with_a_field_that_changes_the_run_is_refused(workdir, field, value, shown):
@@ -73,16 +73,19 @@ def test_harmless_changes_resume_and_are_recorded(workdir, capsys):
 
 
 def test_the_override_continues_and_is_recorded(workdir, capsys):
-    config = tiny(**{"num_train_steps": 6, "resume_despite_changes": True})
-    assert train_and_evaluate(config, workdir)["step"] == 6
-    assert "resuming DESPITE changes to the run (resume_despite_changes=True): num_train_steps 4 -> 6" in (
-        capsys.readouterr().out
-    )
+    config = tiny(**{"optim.learning_rate": 0.005, "num_train_steps": 6, "resume_despite_changes": True})
+    assert train_and_evaluate(config, workdir)["step"] == 6  # a longer run is a harmless change
+    out = capsys.readouterr().out
+    assert "resuming DESPITE changes to the run (resume_despite_changes=True): optim.learning_rate" in out
+    assert "config changed on resume: num_train_steps 4 -> 6, resume_despite_changes false -> true" in out
     (entry,) = [json.loads(line) for line in (workdir / resume.HISTORY_FILE).read_text().splitlines()]
-    assert entry["changes_the_run"] == ["num_train_steps"]
-    assert _stored(workdir)["resume_despite_changes"] is True and _stored(workdir)["num_train_steps"] == 6
+    assert entry["changes_the_run"] == ["optim.learning_rate"]
+    assert (
+        _stored(workdir)["resume_despite_changes"] is True
+        and _stored(workdir)["optim"]["learning_rate"] == 0.005
+    )
     # The stored config is now the run's: the same config resumes without the override.
-    config = tiny(num_train_steps=6)
+    config = tiny(**{"optim.learning_rate": 0.005, "num_train_steps": 6})
     assert train_and_evaluate(config, workdir)["step"] == 6
 
 

@@ -2,7 +2,7 @@
 
 A workdir holds the config its checkpoints were trained with (``config.json``). A run that resumes
 from those checkpoints with a config differing in a field that changes what is trained (batch
-size, seed, data, optimizer, model, length of the schedule ...) would silently be neither run: it
+size, seed, data, optimizer, model ...) would silently be neither run: it
 is refused, unless ``config.resume_despite_changes`` is True. Fields that only change how the run
 is computed, logged, evaluated or stored (:data:`HARMLESS`) may change. Every accepted change is
 appended to ``config_history.jsonl`` (old and new values) before ``config.json`` is replaced.
@@ -25,6 +25,10 @@ HISTORY_FILE = "config_history.jsonl"
 HARMLESS = frozenset(
     {
         "name",
+        # The run's length: extending a finished run is what resuming is for. The schedule (e.g.
+        # cosine) then follows the new length from the resumed step on; the change is recorded.
+        "num_train_steps",
+        "num_epochs",
         "eval_batch_size",
         "log_every_steps",
         "eval_every_steps",
