@@ -124,17 +124,19 @@ class Checkpointer:
             return None
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-        except (ValueError, KeyError) as e:
-            if problem is None:  # intact files that do not fit this state: the config changed
+        except Exception as e:  # whatever the cause: fall back, never stop silently
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            if problem is None and isinstance(e, (ValueError, KeyError)):
+                # Intact files that do not fit this state: the model or optimizer changed.
                 raise ValueError(
-                    f"checkpoint {path} does not match this config's model/optimizer "
-                    f"({type(e).__name__}); use a new --workdir or the config the checkpoint was written with"
+                    f"checkpoint {path} does not match this config's model/optimizer ({first_line}); "
+                    "use a new --workdir or the config the checkpoint was written with"
                 ) from None
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        except Exception as e:  # any other failure to read it: fall back, never stop silently
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        self.log(f"checkpoint {path} rejected: its restore failed ({reason[:200]}); trying an older one")
-        return None
+            self.log(
+                f"checkpoint {path} rejected: its restore failed ({type(e).__name__}: {first_line}); "
+                "trying an older one"
+            )
+            return None
 
     def _set_aside(self, steps: list[int]) -> None:
         """Move rejected checkpoints to ``directory/rejected/`` (process 0) and forget them."""

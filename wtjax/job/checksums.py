@@ -83,10 +83,13 @@ def verify(directory: str | Path) -> str | None:
         path = directory / rel
         if not path.is_file():
             return f"file {rel} is missing"
-        size = path.stat().st_size
+        try:
+            size, sha256 = path.stat().st_size, _sha256(path)
+        except OSError as e:
+            return f"file {rel} cannot be read ({type(e).__name__})"
         if size != expected["size"]:
             return f"file {rel} has {size} bytes, {expected['size']} were written"
-        if _sha256(path) != expected["sha256"]:
+        if sha256 != expected["sha256"]:
             return f"file {rel} does not match its checksum"
     return None
 
