@@ -72,7 +72,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       wtjax.job.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
-        last checkpoint written before it is kept).
+        newest checkpoint that verifies is kept and named).
+      ValueError: a config value out of range (before anything runs), or resuming the workdir's
+        checkpoints with a config that changes the run (:mod:`wtjax.job.resume`).
+      wtjax.job.checkpointing.CheckpointError: the workdir has checkpoints but none restores
+        (each rejected one is named on a line of its own).
+
+    However it ends, a checkpoint being written is completed before the exception propagates.
     """
     t_start = time.perf_counter()
     run = _open_run(config, workdir)  # 1. Processes, devices, workdir.
