@@ -31,7 +31,8 @@ from train_utils import (
     subprocess_env,
 )
 
-STEPS, EVERY, KILLS = 32, 4, 3
+STEPS, EVERY, KILLS = 40, 4, 3
+LAST_TARGET = STEPS - 2 * EVERY
 FLAGS = [
     f"--config=configs/tiny.py:steps={STEPS}",
     f"--config.checkpoint_every_steps={EVERY}",
@@ -118,10 +119,12 @@ def _kill_cycles(workdir: Path, env: dict, rng: random.Random, seed: int, logs: 
     for cycle in range(KILLS + 2):  # a cycle may end before its trigger (then not counted)
         complete = checkpoint_steps(workdir)
         start = max(complete, default=0)
-        if kills == KILLS or start + EVERY >= STEPS:
+        if kills == KILLS or start >= LAST_TARGET:
             break
-        step = rng.randrange(start + EVERY, STEPS, EVERY)  # a checkpoint still to come
+        # A checkpoint still to come, at least two once killed during a save (so that two complete
+        # ones exist after two kills), leaving steps to train after it (so the kill comes first).
         during_save, delay = rng.random() < 0.5, rng.uniform(0.0, 0.05)
+        step = min(start + EVERY * (2 if during_save else rng.randint(1, 2)), LAST_TARGET)
         moment = f"seed {seed}, cycle {cycle}: kill {'during' if during_save else 'after'} save {step}"
         log = logs / f"cycle{cycle}.log"
         code = _run_and_kill(workdir, env, step, during_save, delay, log)
@@ -148,7 +151,7 @@ def test_random_kills_and_a_damaged_checkpoint_end_as_an_uninterrupted_run(tmp_p
         kills = _kill_cycles(
             workdir, env, rng, seed, tmp_path, lambda: straight.append(_main(reference, env))
         )
-        assert kills >= 2, f"seed {seed}: only {kills} kills"
+        assert kills == KILLS, f"seed {seed}: only {kills} kills"
         assert checkpoint_steps(workdir)[-1] < STEPS
 
         newest, previous = _corrupt_newest(workdir)
