@@ -96,6 +96,12 @@ def test_a_new_workdir_or_one_without_checkpoints_is_not_compared(tmp_path):
     assert resume.check(tiny(), tmp_path) == {}  # an unfinished save is not a checkpoint
 
 
+def test_fields_one_side_lacks_are_changes():
+    diff = resume.changes({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2, "d": 3}, "lora": None})
+    assert diff == {"b.d": (resume.ABSENT, 3), "lora": (resume.ABSENT, None)}
+    assert resume._describe(diff) == "b.d <absent> -> 3, lora <absent> -> null"
+
+
 def test_every_harmless_path_is_a_config_field():
     fields = resume._flatten(resume.config_dict(tiny()))
     for path in resume.HARMLESS:

@@ -88,8 +88,12 @@ def changes(stored: dict, current: dict) -> dict[str, tuple]:
     return {p: (a, b) for p, (a, b) in diff.items() if a != b}
 
 
+def _show(value) -> str:
+    return ABSENT if value is ABSENT else json.dumps(value)
+
+
 def _describe(diff: dict, limit: int = 6) -> str:
-    items = [f"{p} {json.dumps(a)} -> {json.dumps(b)}" for p, (a, b) in diff.items()]
+    items = [f"{p} {_show(a)} -> {_show(b)}" for p, (a, b) in diff.items()]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
