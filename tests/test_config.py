@@ -146,6 +146,40 @@ def test_validate_names_unknown_keys_and_model_fields():
         cs.validate(c)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
+        ("batch_size", -1, "batch_size must be an integer >= 1, got -1"),
+        ("eval_batch_size", 0, "eval_batch_size must be an integer >= 1 or None, got 0"),
+        ("eval_batch_size", -1, "eval_batch_size must be an integer >= 1 or None, got -1"),
+        ("num_train_steps", 0, "num_train_steps must be an integer >= 1 or None, got 0"),
+        ("log_every_steps", 0, "log_every_steps must be an integer >= 1, got 0"),
+        ("eval_every_steps", -2, "eval_every_steps must be an integer >= 0 or None, got -2"),
+        ("checkpoint_every_steps", -1, "checkpoint_every_steps must be an integer >= 0, got -1"),
+        ("keep_checkpoints", 0, "keep_checkpoints must be an integer >= 1, got 0"),
+        ("num_devices", 0, "num_devices must be an integer >= 1 or None, got 0"),
+        ("grad_accum_steps", 0, "grad_accum_steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_validate_rejects_run_numbers_out_of_range(key, value, message):
+    c = load_config("tiny")
+    c[key] = value
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        cs.validate(c)
+
+
+@pytest.mark.parametrize("epochs", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_validate_rejects_a_run_of_no_epochs(epochs):
+    c = load_config("tiny")
+    c.num_train_steps = None
+    c.num_epochs = epochs
+    with pytest.raises(ValueError, match=r"^num_epochs must be a number > 0 \(or set num_train_steps\)"):
+        cs.validate(c)
+    c.num_train_steps = 3  # the length in steps wins: num_epochs is then unused
+    cs.validate(c)
+
+
 def test_shared_config_builders_match_the_fields_they_replace():
     a = cs.parse_arg("form=not_tied,mask_mode=same,density=0.3,mask_kind=nm", **cs.tied_args())
     shared = cs.tied_model_config("resnet_like", a, width=16)

@@ -94,7 +94,7 @@ def test_stop_raises_at_the_next_flush_naming_the_step_and_metric(tmp_path):
         train_and_evaluate(deq_config("stop"), tmp_path)
     message = str(info.value)
     assert message.startswith("solver failure at step 0: train/model/deq_fwd_nonconverged = 8")
-    assert "training step 1 of 4" in message and "Last good checkpoint: none" in message
+    assert "training step 1 of 4" in message and "Last good (verified) checkpoint: none" in message
     assert "\n" not in message and checkpoint_steps(tmp_path) == []
 
 

@@ -116,6 +116,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(read_params(tmp_path)))
 
 
+def test_a_failure_after_the_final_save_still_completes_it(tmp_path, monkeypatch):
+    from wtjax.job import train
+
+    def failing_final_evaluation(*args, **kwargs):
+        raise RuntimeError("final evaluation failed")
+
+    monkeypatch.setattr(train, "_final_summary", failing_final_evaluation)
+    with pytest.raises(RuntimeError, match="final evaluation failed"):
+        train_and_evaluate(tiny(), tmp_path)
+    # Checked at once: the asynchronous final save was waited for, not left as an orbax tmp dir.
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_a_run_shorter_than_one_step_is_an_error(tmp_path):
+    config = tiny()
+    config.num_train_steps = None
+    config.num_epochs = 0.01  # 8 steps per epoch: 0.08 steps
+    with pytest.raises(ValueError, match=r"^num_epochs 0.01 is less than one step of the 8 per epoch"):
+        train_and_evaluate(config, tmp_path)
+    assert checkpoint_steps(tmp_path) == []
+
+
 def test_jitted_step_traces_once_donates_its_state_and_learns():
     import chex
     import optax

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -211,7 +212,7 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     cfg.num_train_steps = config_dict.placeholder(int)  # ... or in steps (overrides num_epochs)
     cfg.log_every_steps = 50  # training metrics (averaged over the interval) + NaN check
     cfg.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch; 0: only at the end
-    cfg.checkpoint_every_steps = 1000  # periodic checkpoints (the final step is always saved)
+    cfg.checkpoint_every_steps = 1000  # periodic checkpoints; 0: only the final step (always saved)
     cfg.keep_checkpoints = 2  # how many checkpoints to keep
     # A failed solve (a model metric *_nonconverged or *_diverged > 0, e.g. a DEQ's): 'log' (count it
     # in train/solver_failed_steps and train on), 'skip' (also leave the step's update out) or 'stop'.
@@ -233,6 +234,9 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     # LoRA fine-tuning of a frozen pretrained model (wtjax.methods.lora_finetune.FinetuneHook); None: off.
     cfg.pretrained = config_dict.placeholder(str)  # local public-layout ViT .npz
     cfg.lora = None  # kind, rank, alpha, depth, density, seed, targets, train_base (configs/vtab_lora.py)
+    # Resume even though fields that change the run differ from the workdir's config.json
+    # (wtjax.job.resume; the changes are recorded in <workdir>/config_history.jsonl).
+    cfg.resume_despite_changes = False
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
     cfg.progress = True  # print a progress line between log steps
     cfg.accounting = True  # print parameter/FLOP accounting at the end
@@ -251,7 +255,10 @@ def validate(config) -> None:
 
     Checks: no unknown or missing top-level keys; the ``data`` section is complete with no unknown
     fields (:func:`wtjax.data.fields.read_data_config`); ``optim`` and ``pruning`` have no unknown
-    fields; ``grad_accum_steps`` is an int >= 1 dividing ``batch_size`` (the division over
+    fields; the batch sizes, run length and cadences are integers in range (``batch_size``,
+    ``eval_batch_size``, ``num_train_steps``, ``log_every_steps``, ``keep_checkpoints`` ... >= 1,
+    ``eval_every_steps`` and ``checkpoint_every_steps`` >= 0, ``num_epochs`` > 0 unless
+    ``num_train_steps`` is set); ``grad_accum_steps`` divides ``batch_size`` (the division over
     devices is checked by :func:`wtjax.job.parallel.check_batch_size`); ``solver_failure`` is a
     policy of :data:`wtjax.job.steps.SOLVER_FAILURE_POLICIES`; ``config.model`` names a
     registered model and only its fields, with valid mask values and dtype
@@ -273,9 +280,8 @@ def validate(config) -> None:
         extra = sorted(set(config[section].keys()) - set(reference.keys()))
         if extra:
             raise KeyError(f"unknown {section} field(s) {extra}; known: {sorted(reference.keys())}")
+    _check_run_numbers(config)
     accum = config.grad_accum_steps
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     if config.batch_size % accum:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps {accum}")
     if config.solver_failure not in SOLVER_FAILURE_POLICIES:
@@ -283,3 +289,35 @@ def validate(config) -> None:
             f"solver_failure must be one of {SOLVER_FAILURE_POLICIES}, got {config.solver_failure!r}"
         )
     check_model_config(config.model)
+
+
+# The run's integer fields: (key, smallest allowed value, whether None is allowed). Checked before
+# anything runs: a bad value here would otherwise fail late (after compiling, at the first
+# evaluation or the final save) or be silently replaced by a default.
+_RUN_INTEGERS = (
+    ("batch_size", 1, False),
+    ("grad_accum_steps", 1, False),
+    ("eval_batch_size", 1, True),
+    ("num_train_steps", 1, True),
+    ("log_every_steps", 1, False),
+    ("eval_every_steps", 0, True),
+    ("checkpoint_every_steps", 0, False),
+    ("keep_checkpoints", 1, False),
+    ("num_devices", 1, True),
+)
+
+
+def _check_run_numbers(config) -> None:
+    """The run's lengths, batch sizes and cadences are in range (one-line errors naming the key)."""
+    for key, low, optional in _RUN_INTEGERS:
+        value = config[key]
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            allowed = f"an integer >= {low}" + (" or None" if optional else "")
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    epochs = config.num_epochs
+    if config.num_train_steps is None and (
+        isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf
+    ):
+        raise ValueError(f"num_epochs must be a number > 0 (or set num_train_steps), got {epochs!r}")

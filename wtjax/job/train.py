@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, steps, workdir_lock
+from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, resume, steps, workdir_lock
 from wtjax.job import config as config_schema
 from wtjax.job.state import TrainState
 
@@ -75,10 +75,16 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       wtjax.job.preemption.Preempted: SIGTERM (one process) or orbax's preemption sync point
         (``jax.distributed``) was reached; the state of the step reached was saved first.
       FloatingPointError: the loss or gradient became non-finite (the message names the step; the
-        last checkpoint written before it is kept).
+        newest checkpoint that verifies is kept and named).
       wtjax.job.steps.SolverFailed: a solve failed under ``config.solver_failure='stop'`` (the
-        message names the step and the metric; the last checkpoint written before it is kept).
+        message names the step and the metric; the newest checkpoint that verifies is named).
       wtjax.job.workdir_lock.WorkdirLocked: another live job holds ``workdir`` (refused at once).
+      ValueError: a config value out of range (before anything runs), or resuming the workdir's
+        checkpoints with a config that changes the run (:mod:`wtjax.job.resume`).
+      wtjax.job.checkpointing.CheckpointError: the workdir has checkpoints but none restores
+        (each rejected one is named on a line of its own).
+
+    However it ends, a checkpoint being written is completed before the exception propagates.
     """
     with contextlib.ExitStack() as cleanup:  # releases the workdir lock however the job ends
         return _train_and_evaluate(config, workdir, cleanup)
@@ -101,17 +107,21 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack) -> dict:
         keep=config.keep_checkpoints,
         every_steps=config.checkpoint_every_steps,
         async_save=config.async_checkpointing,
+        log=run.log,
     )
     init_state = steps.make_init_state(model, tx, image_shape, params_key, train_hooks)
     state, num_params = _restore_or_init(run, checkpointer, init_state, params)
     # 5. Steps.
     train_step, evaluate = _jit_steps(run, model, tx, schedule, dropout_key, train_hooks, frozen)
-    # 6. The loop.
-    state, last_train, preempted_at = _train_loop(run, state, train_step, evaluate, checkpointer)
-    if preempted_at is not None:
-        _stop_for_preemption(run, checkpointer, preempted_at)
-    # 7. Final evaluation and summary.
-    summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
+    try:
+        # 6. The loop.
+        state, last_train, preempted_at = _train_loop(run, state, train_step, evaluate, checkpointer)
+        if preempted_at is not None:
+            _stop_for_preemption(run, checkpointer, preempted_at)
+        # 7. Final evaluation and summary.
+        summary = _final_summary(run, state, evaluate, checkpointer, last_train, num_params, t_start)
+    finally:
+        checkpointer.close()  # however the run ends, a save under way is completed, never lost
     for hook in train_hooks:
         summary.update(hook.summary())
     accounting = config.accounting and all(hook.trains_model_params for hook in train_hooks)
@@ -135,8 +145,10 @@ def _open_run(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
     main = parallel.is_main_process()
     workdir = Path(workdir).absolute()
     _lock_workdir(workdir, main, cleanup)
+    log = functools.partial(print, flush=True) if main else (lambda text: None)
+    changes = resume.check(config, workdir, log)  # every process: a refused resume stops them all
     if main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        resume.record(config, workdir, changes, log)  # config.json (+ config_history.jsonl)
         print(f"wtjax: workdir {workdir}; {parallel.env_summary(mesh)}", flush=True)
     writer = metrics.MetricWriter(workdir, enabled=main, tensorboard=config.tensorboard)
     return _Run(config, mesh, main, workdir, writer)
@@ -172,7 +184,7 @@ def _open_data(run: _Run) -> None:
     config = run.config
     process_index, process_count = parallel.process_info()
     parallel.check_batch_size(config.batch_size, run.mesh, config.grad_accum_steps)
-    run.eval_batch_size = config.eval_batch_size or config.batch_size
+    run.eval_batch_size = config.batch_size if config.eval_batch_size is None else config.eval_batch_size
     parallel.check_batch_size(run.eval_batch_size, run.mesh)
     dataset = pipeline.create_dataset(
         config.data, seed=config.seed, process_index=process_index, process_count=process_count
@@ -181,7 +193,15 @@ def _open_data(run: _Run) -> None:
     run.steps_per_epoch = dataset.num_train // config.batch_size
     if run.steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} exceeds the {dataset.num_train} training examples")
-    run.total_steps = config.num_train_steps or int(round(config.num_epochs * run.steps_per_epoch))
+    if config.num_train_steps is None:
+        run.total_steps = int(round(config.num_epochs * run.steps_per_epoch))
+        if run.total_steps < 1:
+            raise ValueError(
+                f"num_epochs {config.num_epochs} is less than one step of the {run.steps_per_epoch} "
+                "per epoch; raise num_epochs or set num_train_steps"
+            )
+    else:
+        run.total_steps = config.num_train_steps
     run.eval_every = run.steps_per_epoch if config.eval_every_steps is None else config.eval_every_steps
     run.log(
         f"data: {dataset.name}, {dataset.num_train} train / {dataset.num_eval} eval "
@@ -304,10 +324,10 @@ class _PendingMetrics:
     def _stopped(self, s: int) -> str:
         """The end of a stop message: the step and the last checkpoint kept (after closing them)."""
         self.checkpointer.close()
-        good = self.checkpointer.latest_step()
+        good = self.checkpointer.newest_verified_step()
         last = "none" if good is None else self.checkpointer.directory / str(good)
         step = f"training step {s + 1} of {self.total_steps}"
-        return f"({step}); stopped without saving it. Last good checkpoint: {last}"
+        return f"({step}); stopped without saving it. Last good (verified) checkpoint: {last}"
 
     def flush(self) -> dict:
         """Check the pending steps; return the averages (counts: sums) of the steps kept."""
