@@ -26,7 +26,8 @@ so gradients flow to those parameters through the chosen backward mode.
 
 ``out['metrics']`` (scalars, for logging): ``deq_active`` (1 in the solver phase), forward
 ``deq_fwd_nstep``, ``deq_fwd_abs_res``/``deq_fwd_rel_res`` (batch mean), ``deq_fwd_abs_res_max``,
-``deq_fwd_nonconverged`` (samples above tol), ``deq_fwd_diverged``; when ``train`` and
+``deq_fwd_nonconverged`` (samples above tol), ``deq_fwd_diverged`` (samples whose protective
+break fired); when ``train`` and
 ``monitor_backward``: ``deq_bwd_nstep``, ``deq_bwd_abs_res``, ``deq_bwd_rel_res``,
 ``deq_bwd_nonconverged`` from a solve of the adjoint system ``u = J^T u + g`` at ``z*`` with a
 random probe ``g`` (the true cotangent only exists in the backward pass; the probe solves the
@@ -206,7 +207,7 @@ class DEQBase(nn.Module):
             deq_fwd_rel_res=f32(jnp.mean(stats.rel_res)),
             deq_fwd_abs_res_max=f32(jnp.max(stats.abs_res)),
             deq_fwd_nonconverged=f32(jnp.sum(~stats.converged)),
-            deq_fwd_diverged=f32(stats.diverged),
+            deq_fwd_diverged=f32(jnp.sum(stats.diverged)),
         )
         aux = zero
         if train and self.monitor_backward:
