@@ -1,5 +1,7 @@
 """Invariants of the pure-JAX implicit machinery (wtjax.implicit): solvers, gradients, regularisers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,3 +295,61 @@ def test_bad_configs_fail_loudly():
             SolverConfig(**bad)
     with pytest.raises(ValueError, match="grad mode"):
         fixed_point(_tanh_map, jnp.eye(2), jnp.ones((1, 2)), jnp.zeros((1, 2)), grad="adjoint")
+
+
+def test_ift_gradient_is_never_exactly_zero():
+    # 1. A loss scaled by 1e-7 with the default solvers (float32): the cotangent is below the
+    # backward tol, so on main the adjoint solve returned its start u = 0 (gradient exactly 0).
+    w, x, c = (v.astype(jnp.float32) for v in _tanh_problem())
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def grad(w, scale, stop_mode):
+        backward = SolverConfig(tol=1e-6, stop_mode=stop_mode)  # BACKWARD_DEFAULT for 'abs'
+        loss = lambda w: (
+            scale * jnp.sum(c * fixed_point(_tanh_map, w, x, jnp.zeros_like(x), backward=backward)[0])
+        )
+        return jax.grad(loss)(w)
+
+    assert bool(jnp.all(grad(w, 1e-7, "abs") != 0))
+    # The abs tolerance is absolute (as torchdeq's); stop_mode='rel' is scale-free.
+    np.testing.assert_allclose(grad(w, 1e-7, "rel") / 1e-7, grad(w, 1.0, "rel"), rtol=1e-4, atol=1e-5)
+    # 2. W = 1.5 I: Broyden solves the forward; plain iteration diverges on the adjoint. On main
+    # that returned u = 0; now the best iterate is returned and the failure is in the stats.
+    w, x = 1.5 * jnp.eye(2), jnp.ones((1, 2))
+    lin = lambda w, x, z: z @ w.T + x
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def grad_lin(w, solver):
+        forward, backward = SolverConfig(solver="broyden"), SolverConfig(solver=solver)
+        loss = lambda w: jnp.sum(
+            fixed_point(lin, w, x, jnp.zeros_like(x), forward=forward, backward=backward)[0]
+        )
+        return jax.grad(loss)(w)
+
+    np.testing.assert_allclose(grad_lin(w, "broyden"), jnp.full((2, 2), 4.0), rtol=1e-5)
+    assert bool(jnp.all(grad_lin(w, "fixed_point") != 0))
+    z = jnp.full((1, 2), -2.0)
+    _, stats, _ = adjoint_solve(lin, w, x, z, jnp.ones_like(z), SolverConfig(solver="fixed_point"))
+    assert bool(jnp.all(stats.diverged)) and not bool(jnp.any(stats.converged))
+
+
+def test_ift_supports_forward_mode_and_higher_derivatives():
+    # On main: jacfwd raised a custom_vjp error and grad(grad) a while-loop error.
+    with jax.enable_x64(True):
+        w, x, c = _tanh_problem(12)
+        fwd, bwd = SolverConfig(max_iter=200, tol=1e-13), SolverConfig(max_iter=300, tol=1e-13)
+
+        def loss(w):
+            z, _ = fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=fwd, backward=bwd)
+            return jnp.sum(c * jnp.sin(z))
+
+        grad = jax.jit(jax.grad(loss))
+        np.testing.assert_allclose(jax.jit(jax.jacfwd(loss))(w), grad(w), atol=1e-11)
+        # Hessian-vector product (reverse over reverse) against finite differences of the grad.
+        d = jnp.asarray(np.random.default_rng(13).normal(size=w.shape))
+        hvp = jax.jit(jax.grad(lambda w: jnp.vdot(grad(w), d)))(w)
+        eps = 1e-5
+        np.testing.assert_allclose(hvp, (grad(w + eps * d) - grad(w - eps * d)) / (2 * eps), atol=1e-8)
+        # Forward over reverse gives the same.
+        _, hvp_fwd = jax.jvp(grad, (w,), (d,))
+        np.testing.assert_allclose(hvp_fwd, hvp, atol=1e-10)
