@@ -42,6 +42,8 @@ still monotone) and the linear map ``D`` in place of ``relu`` (``D`` is the prox
 ``f_j(x) = (1/D_jj - 1) x^2 / 2``; for ``D_jj in {0, 1}`` it is the same for every ``alpha``).
 It is solved by the same splitting; then ``dL/dc = w`` and ``dL/dW`` is ``w``'s vector-Jacobian
 product through ``W z*`` (any function of ``A, B, U`` upstream is handled by autodiff).
+A custom VJP supports first-order reverse mode only (``jax.grad``); ``jax.jvp``/``jacfwd`` and
+``grad(grad(...))`` of a monDEQ are not supported.
 
 This module imports only jax and numpy.
 """
