@@ -295,6 +295,16 @@ def test_bad_configs_fail_loudly():
             SolverConfig(**bad)
     with pytest.raises(ValueError, match="grad mode"):
         fixed_point(_tanh_map, jnp.eye(2), jnp.ones((1, 2)), jnp.zeros((1, 2)), grad="adjoint")
+    # A backward solve of one evaluation could only return its start u = 0 (on main: silently).
+    with pytest.raises(ValueError, match="max_iter >= 2"):
+        adjoint_solve(
+            _tanh_map,
+            jnp.eye(2),
+            jnp.ones((1, 2)),
+            jnp.zeros((1, 2)),
+            jnp.ones((1, 2)),
+            SolverConfig(max_iter=1),
+        )
 
 
 def test_ift_gradient_is_never_exactly_zero():

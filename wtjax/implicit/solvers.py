@@ -269,7 +269,10 @@ def solve(
     if z0.ndim < 1:
         raise ValueError("z0 needs a batch axis (axis 0)")
     if not count_initial and cfg.max_iter < 2:
-        raise ValueError(f"max_iter={cfg.max_iter} leaves no iterate besides the start; use max_iter >= 2")
+        raise ValueError(
+            f"max_iter={cfg.max_iter} leaves no iterate besides the start, which this solve may not "
+            "return; use max_iter >= 2 (b_max_iter for a DEQ's backward solve)"
+        )
     shape, batch = z0.shape, z0.shape[0]
     flat_f = lambda zf: f(zf.reshape(shape)).reshape(batch, -1)  # noqa: E731
     init, step = _IMPLS[cfg.solver]
