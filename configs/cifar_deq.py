@@ -56,7 +56,7 @@ def get_config(arg=None):
         phantom_steps=5,
         phantom_tau=0.5,
         jac_weight=a.jac_weight,
-        monitor_backward=a.variant == "mdeq",  # logs deq_bwd_* (one extra adjoint solve per step)
+        monitor_backward=a.variant == "mdeq",  # logs deq_bwd_* (an adjoint solve on 8 samples per step)
     )
     if a.variant == "mdeq":
         optim = cs.optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6)

@@ -174,3 +174,36 @@ def test_bad_fields_fail_loudly():
         DEQMLP(width=8, grad="adjoint").init(jax.random.key(0), _images())
     with pytest.raises(ValueError, match="solver"):
         DEQMLP(width=8, f_solver="newton").init(jax.random.key(0), _images())
+
+
+def test_a_nan_input_row_stays_in_its_row():
+    # On main one NaN image stopped the solver at step 1 for the whole batch: every row got
+    # z0 = 0, i.e. finite but wrong logits for the clean rows too.
+    model = DEQMLP(width=8, depth=3, f_solver="broyden", f_max_iter=30, f_tol=1e-5)
+    x = _images(batch=3)
+    params = model.init(jax.random.key(1), x)["params"]
+    logits, out = model.apply({"params": params}, x.at[1, 0, 0, 0].set(jnp.nan))
+    clean = jnp.asarray([0, 2])
+    want, out_clean = model.apply({"params": params}, x[clean])
+    np.testing.assert_allclose(logits[clean], want, rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(jnp.isnan(logits[1])))
+    m, m_clean = out["metrics"], out_clean["metrics"]
+    assert float(m["deq_fwd_diverged"]) == 1 and float(m_clean["deq_fwd_diverged"]) == 0
+    assert float(m["deq_fwd_nonconverged"]) == 1 + float(m_clean["deq_fwd_nonconverged"])
+
+
+def test_backward_probe_runs_on_a_few_samples_and_only_for_ift():
+    x, y = _images(batch=4), jnp.arange(4)
+    kw = dict(width=8, depth=3, f_max_iter=8, b_max_iter=3, b_tol=1e-12, monitor_backward=True, **CHEAP)
+    model = DEQMLP(monitor_samples=3, **kw)
+    params = model.init(jax.random.key(1), x)["params"]
+    (_, out), grads = jax.value_and_grad(lambda p: _loss(model, p, x, y, train=True), has_aux=True)(params)
+    m = out["metrics"]
+    assert float(m["deq_bwd_nstep"]) == 3 and float(m["deq_bwd_nonconverged"]) == 3  # of 3 probed
+    assert float(m["deq_bwd_diverged"]) == 0
+    assert float(jnp.abs(grads["tied"]["block"]["dense1"]["kernel"]).sum()) > 0
+    # No backward solve to probe with an inexact gradient.
+    _, out = _loss(DEQMLP(grad="one_step", **kw), params, x, y, train=True)
+    assert float(out["metrics"]["deq_bwd_nstep"]) == 0
+    with pytest.raises(ValueError, match="monitor_samples"):
+        _loss(DEQMLP(monitor_samples=0, **kw), params, x, y, train=True)

@@ -1,5 +1,7 @@
 """Invariants of the pure-JAX implicit machinery (wtjax.implicit): solvers, gradients, regularisers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,7 @@ def test_solvers_reach_the_linear_solution(solver, stop_mode):
         f = lambda z: z @ a.T + b
         z, stats = solve(f, jnp.zeros((B, D)), cfg)
         np.testing.assert_allclose(z, exact, atol=1e-7)
-        assert bool(jnp.all(stats.converged)) and not bool(stats.diverged)
+        assert bool(jnp.all(stats.converged)) and not bool(jnp.any(stats.diverged))
         # The reported residuals are those of the returned iterate, and the lowest in the trace.
         abs_res = jnp.linalg.norm(f(z) - z, axis=-1)
         np.testing.assert_allclose(stats.abs_res, abs_res, rtol=1e-6, atol=1e-14)
@@ -86,16 +88,57 @@ def test_acceleration_needs_fewer_iterations():
 def test_divergence_is_flagged_and_best_iterate_kept(solver):
     z0 = jnp.ones((B, D))
     _, stats_ok = solve(lambda z: 0.5 * z, z0, SolverConfig(solver=solver, max_iter=100, tol=1e-4))
-    assert not bool(stats_ok.diverged) and bool(jnp.all(stats_ok.converged))
+    assert not bool(jnp.any(stats_ok.diverged)) and bool(jnp.all(stats_ok.converged))
     # f(z) = 3 z + 1 has its fixed point at -1/2 but repels every iterate.
     z, stats = solve(lambda z: 3.0 * z + 1.0, z0, SolverConfig(solver="fixed_point", max_iter=100))
-    assert bool(stats.diverged) and not bool(jnp.any(stats.converged))
+    assert bool(jnp.all(stats.diverged)) and not bool(jnp.any(stats.converged))
     assert int(stats.nstep) < 100  # the protective break fired
     np.testing.assert_allclose(z, z0)  # the initial point had the lowest residual
-    # NaN from f: flagged, and the NaN iterate is never returned.
+    # NaN from f: flagged at once, and NaN is returned (never a finite stand-in such as z0).
     z, stats = solve(lambda z: z * jnp.nan, z0, SolverConfig(solver=solver, max_iter=20))
-    assert bool(stats.diverged) and int(stats.nstep) == 1
-    assert bool(jnp.all(jnp.isfinite(z)))
+    assert bool(jnp.all(stats.diverged)) and int(stats.nstep) == 1
+    assert bool(jnp.all(jnp.isnan(z)))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_one_nan_sample_does_not_poison_the_batch(solver):
+    # Row 1's injection is NaN. On main the whole solve stopped at step 1 and returned z0 = 0 for
+    # every row; now the clean rows converge exactly as they do alone and row 1 stays NaN.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        a = _contraction(rng, 0.8)
+        b = jnp.asarray(rng.normal(size=(B, D))).at[1, 2].set(jnp.nan)
+        cfg = SolverConfig(solver=solver, max_iter=200, tol=1e-10)
+        z, stats = solve(lambda z: z @ a.T + b, jnp.zeros((B, D)), cfg)
+        clean = jnp.asarray([0, 2])
+        z_clean, _ = solve(lambda z: z @ a.T + b[clean], jnp.zeros((2, D)), cfg)
+        np.testing.assert_allclose(z[clean], z_clean, atol=1e-9)
+        assert stats.converged.tolist() == [True, False, True]
+        assert stats.diverged.tolist() == [False, True, False]
+        assert bool(jnp.all(jnp.isnan(z[1])))
+
+
+def test_protective_break_spares_broyden_transients_and_stops_real_divergence():
+    # Spectral radius 1.5: plain iteration diverges, but Broyden solves it after its residual
+    # first grows ~1600x (it passed 1e3 at iteration 7, where the old default protect_thres=1e3
+    # stopped it with relative error 0.88).
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        a = rng.normal(size=(32, 32))
+        a = jnp.asarray(1.5 * a / np.abs(np.linalg.eigvals(a)).max())
+        b = jnp.asarray(rng.normal(size=(2, 32)))
+        f = lambda z: z @ a.T + b
+        exact = jnp.linalg.solve(jnp.eye(32) - a, b.T).T
+        z, stats = solve(f, jnp.zeros((2, 32)), SolverConfig(solver="broyden", max_iter=300, tol=1e-8))
+        assert float(jnp.nanmax(stats.abs_trace / stats.abs_trace[0])) > 1e3  # the transient
+        assert bool(jnp.all(stats.converged)) and not bool(jnp.any(stats.diverged))
+        np.testing.assert_allclose(z, exact, rtol=1e-6, atol=1e-6)
+        # Real divergence on the same problem: plain iteration is stopped within 40 iterations.
+        z, stats = solve(f, jnp.zeros((2, 32)), SolverConfig(solver="fixed_point", max_iter=40))
+        assert bool(jnp.all(stats.diverged)) and int(stats.nstep) < 40
+        # protect_thres=None breaks on non-finite residuals only.
+        _, stats = solve(f, jnp.zeros((2, 32)), SolverConfig(solver="fixed_point", protect_thres=None))
+        assert int(stats.nstep) == 40 and not bool(jnp.any(stats.diverged))
 
 
 def test_per_sample_residuals_and_batch_independence():
@@ -246,8 +289,77 @@ def test_bad_configs_fail_loudly():
         dict(max_iter=0),
         dict(tau=0.0),
         dict(memory=0),
+        dict(protect_thres=1.0),
     ]:
         with pytest.raises(ValueError):
             SolverConfig(**bad)
     with pytest.raises(ValueError, match="grad mode"):
         fixed_point(_tanh_map, jnp.eye(2), jnp.ones((1, 2)), jnp.zeros((1, 2)), grad="adjoint")
+    # A backward solve of one evaluation could only return its start u = 0 (on main: silently).
+    with pytest.raises(ValueError, match="max_iter >= 2"):
+        adjoint_solve(
+            _tanh_map,
+            jnp.eye(2),
+            jnp.ones((1, 2)),
+            jnp.zeros((1, 2)),
+            jnp.ones((1, 2)),
+            SolverConfig(max_iter=1),
+        )
+
+
+def test_ift_gradient_is_never_exactly_zero():
+    # 1. A loss scaled by 1e-7 with the default solvers (float32): the cotangent is below the
+    # backward tol, so on main the adjoint solve returned its start u = 0 (gradient exactly 0).
+    w, x, c = (v.astype(jnp.float32) for v in _tanh_problem())
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def grad(w, scale, stop_mode):
+        backward = SolverConfig(tol=1e-6, stop_mode=stop_mode)  # BACKWARD_DEFAULT for 'abs'
+        loss = lambda w: (
+            scale * jnp.sum(c * fixed_point(_tanh_map, w, x, jnp.zeros_like(x), backward=backward)[0])
+        )
+        return jax.grad(loss)(w)
+
+    assert bool(jnp.all(grad(w, 1e-7, "abs") != 0))
+    # The abs tolerance is absolute (as torchdeq's); stop_mode='rel' is scale-free.
+    np.testing.assert_allclose(grad(w, 1e-7, "rel") / 1e-7, grad(w, 1.0, "rel"), rtol=1e-4, atol=1e-5)
+    # 2. W = 1.5 I: Broyden solves the forward; plain iteration diverges on the adjoint. On main
+    # that returned u = 0; now the best iterate is returned and the failure is in the stats.
+    w, x = 1.5 * jnp.eye(2), jnp.ones((1, 2))
+    lin = lambda w, x, z: z @ w.T + x
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def grad_lin(w, solver):
+        forward, backward = SolverConfig(solver="broyden"), SolverConfig(solver=solver)
+        loss = lambda w: jnp.sum(
+            fixed_point(lin, w, x, jnp.zeros_like(x), forward=forward, backward=backward)[0]
+        )
+        return jax.grad(loss)(w)
+
+    np.testing.assert_allclose(grad_lin(w, "broyden"), jnp.full((2, 2), 4.0), rtol=1e-5)
+    assert bool(jnp.all(grad_lin(w, "fixed_point") != 0))
+    z = jnp.full((1, 2), -2.0)
+    _, stats, _ = adjoint_solve(lin, w, x, z, jnp.ones_like(z), SolverConfig(solver="fixed_point"))
+    assert bool(jnp.all(stats.diverged)) and not bool(jnp.any(stats.converged))
+
+
+def test_ift_supports_forward_mode_and_higher_derivatives():
+    # On main: jacfwd raised a custom_vjp error and grad(grad) a while-loop error.
+    with jax.enable_x64(True):
+        w, x, c = _tanh_problem(12)
+        fwd, bwd = SolverConfig(max_iter=200, tol=1e-13), SolverConfig(max_iter=300, tol=1e-13)
+
+        def loss(w):
+            z, _ = fixed_point(_tanh_map, w, x, jnp.zeros_like(x), forward=fwd, backward=bwd)
+            return jnp.sum(c * jnp.sin(z))
+
+        grad = jax.jit(jax.grad(loss))
+        np.testing.assert_allclose(jax.jit(jax.jacfwd(loss))(w), grad(w), atol=1e-11)
+        # Hessian-vector product (reverse over reverse) against finite differences of the grad.
+        d = jnp.asarray(np.random.default_rng(13).normal(size=w.shape))
+        hvp = jax.jit(jax.grad(lambda w: jnp.vdot(grad(w), d)))(w)
+        eps = 1e-5
+        np.testing.assert_allclose(hvp, (grad(w + eps * d) - grad(w - eps * d)) / (2 * eps), atol=1e-8)
+        # Forward over reverse gives the same.
+        _, hvp_fwd = jax.jvp(grad, (w,), (d,))
+        np.testing.assert_allclose(hvp_fwd, hvp, atol=1e-10)

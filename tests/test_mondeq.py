@@ -159,7 +159,13 @@ def test_models_follow_the_contract(name, fields):
         assert set(variables) == {"params"}
         logits, out = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
         assert logits.shape == (3, 5) and bool(jnp.all(jnp.isfinite(logits)))
-        assert set(out["metrics"]) == {"mon_fwd_iters", "mon_fwd_res", "mon_fwd_nonconverged"}
+        assert set(out["metrics"]) == {
+            "mon_fwd_iters",
+            "mon_fwd_res",
+            "mon_fwd_nonconverged",
+            "mon_fwd_diverged",
+            "mon_fwd_alpha",
+        }
         assert all(jnp.ndim(v) == 0 for v in out["metrics"].values())
         assert 1 <= float(out["metrics"]["mon_fwd_iters"]) <= 50
         present = set(matrices(variables["params"]))
@@ -169,3 +175,63 @@ def test_models_follow_the_contract(name, fields):
         # Converged solve: the state is a fixed point of the layer.
         if parametrization == "full":
             assert float(out["metrics"]["mon_fwd_res"]) <= model.tol
+
+
+def test_fb_step_beyond_its_bound_is_adapted_not_blown_up():
+    # alpha = 3 x the bound 2m/L^2: on main the iterates grew to overflow while the stats said
+    # "converged" (the NaN residual compared False with tol). Now the step falls back to m/L^2.
+    A, B = _ab(6, 3, scale=0.3)
+    W = mon.dense_W(A, B, 0.5)  # m/L^2 = 0.056: a few hundred fb iterations
+    c = jax.random.normal(jax.random.PRNGKey(5), (4, 6))
+    S = np.eye(6) - np.asarray(W)
+    margin, L = np.linalg.eigvalsh((S + S.T) / 2).min(), np.linalg.norm(S, 2)
+    bound = 2 * margin / L**2
+    cfg = mon.MonotoneConfig(method="fb", alpha=3 * bound, max_iter=5000, tol=1e-6)
+    z, stats = mon.splitting_solve(W, c, cfg)
+    np.testing.assert_allclose(stats.alpha, margin / L**2, rtol=1e-4)
+    assert int(stats.nonconverged) == 0 and int(stats.diverged) == 0
+    z_pr, _ = mon.splitting_solve(W, c, mon.MonotoneConfig(max_iter=5000, tol=1e-7))
+    np.testing.assert_allclose(z, z_pr, atol=1e-4)
+    # A step inside the bound is used as given.
+    _, stats = mon.splitting_solve(W, c, mon.MonotoneConfig(method="fb", alpha=0.5 * bound))
+    np.testing.assert_allclose(stats.alpha, 0.5 * bound, rtol=1e-6)
+    # The model: fb with alpha = 1, far beyond the bound at init (on main: logits ~1e18, a NaN
+    # residual and mon_fwd_nonconverged = 0).
+    model = build_model("mondeq_fc", width=12, num_classes=5, m=1.0, solver="fb", alpha=1.0, max_iter=500)
+    images = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(1), images)
+    logits, out = model.apply(variables, images)
+    assert float(out["metrics"]["mon_fwd_alpha"]) < 1.0
+    assert (
+        float(out["metrics"]["mon_fwd_nonconverged"]) == 0
+        and float(out["metrics"]["mon_fwd_res"]) <= model.tol
+    )
+    assert float(jnp.max(jnp.abs(logits))) < 10.0
+
+
+@pytest.mark.parametrize("method", mon.METHODS)
+def test_a_nan_sample_is_counted_and_does_not_stop_the_others(method):
+    # On main one NaN row made the batch's max residual NaN, which stopped every row after one
+    # iteration and reported the solve as converged.
+    A, B = _ab(6, 3, scale=0.3)
+    W = mon.dense_W(A, B, 0.5)
+    c = jax.random.normal(jax.random.PRNGKey(5), (3, 6))
+    cfg = mon.MonotoneConfig(method=method, alpha=1.0 if method == "pr" else 0.05, max_iter=3000, tol=1e-6)
+    z, stats = mon.splitting_solve(W, c.at[1, 0].set(jnp.nan), cfg)
+    clean, _ = mon.splitting_solve(W, c[jnp.asarray([0, 2])], cfg)
+    np.testing.assert_allclose(z[jnp.asarray([0, 2])], clean, atol=1e-6)
+    assert bool(jnp.all(jnp.isnan(z[1])))
+    assert int(stats.nonconverged) == 1 and int(stats.diverged) == 1 and int(stats.iterations) > 1
+
+
+def test_models_build_and_train_under_x64():
+    # On main the FC model failed under jax_enable_x64 (float64 A, B against a float32 state).
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))  # float32, as the job feeds
+    with jax.enable_x64(True):
+        for name, fields in (("mondeq_fc", dict(width=6)), ("mondeq_conv", dict(channels=3, pool=2))):
+            model = build_model(name, num_classes=3, **fields)
+            variables = model.init(jax.random.PRNGKey(1), images)
+            assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+            loss = lambda v, model=model: jnp.sum(model.apply(v, images)[0] ** 2)
+            grads = jax.grad(loss)(variables)
+            assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

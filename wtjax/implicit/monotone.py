@@ -24,13 +24,16 @@ Linear operators are held as matrices in one of two forms (chosen by ``mat.ndim`
 Solvers (``z_{k+1}`` from ``z_k``; ``alpha`` the step size):
 
 * forward-backward (``fb``): ``z <- relu(z - alpha ((I - W) z - c))``; converges for
-  ``alpha < 2 m / ||I - W||_2^2``.
+  ``alpha < 2 m / ||I - W||_2^2``. Both quantities are computed from ``W`` at each solve, and a
+  larger ``alpha`` is replaced by ``m / ||I - W||_2^2`` (:func:`fb_step_size`), since ``W``
+  changes during training and a fixed ``alpha`` can leave the safe range mid-run.
 * Peaceman-Rachford (``pr``): ``u_{1/2} = 2 z - u``, ``z_{1/2} = (I + alpha (I - W))^{-1}
   (u_{1/2} + alpha c)``, ``u = 2 z_{1/2} - u_{1/2}``, ``z = relu(u)``; converges for any
   ``alpha > 0``.
 
-They stop when the largest per-sample relative change ``||z_{k+1} - z_k|| / ||z_{k+1}||`` is at
-most ``tol`` or after ``max_iter`` iterations.
+They stop when every sample's relative change ``||z_{k+1} - z_k|| / ||z_{k+1}||`` is at most
+``tol`` or non-finite, or after ``max_iter`` iterations; samples above ``tol`` or NaN are counted
+as not converged (``MonotoneStats.nonconverged``), non-finite states as ``diverged``.
 
 Backward pass (the monDEQ backward, :func:`equilibrium` via ``jax.custom_vjp``): with
 ``D = diag(relu'(W z* + c))`` and loss cotangent ``g``, the cotangent of the pre-activation is
@@ -39,6 +42,8 @@ still monotone) and the linear map ``D`` in place of ``relu`` (``D`` is the prox
 ``f_j(x) = (1/D_jj - 1) x^2 / 2``; for ``D_jj in {0, 1}`` it is the same for every ``alpha``).
 It is solved by the same splitting; then ``dL/dc = w`` and ``dL/dW`` is ``w``'s vector-Jacobian
 product through ``W z*`` (any function of ``A, B, U`` upstream is handled by autodiff).
+A custom VJP supports first-order reverse mode only (``jax.grad``); ``jax.jvp``/``jacfwd`` and
+``grad(grad(...))`` of a monDEQ are not supported.
 
 This module imports only jax and numpy.
 """
@@ -63,7 +68,8 @@ class MonotoneConfig:
 
     Attributes:
       method: ``fb`` (forward-backward) or ``pr`` (Peaceman-Rachford).
-      alpha: splitting step size (``fb`` needs ``alpha < 2m/||I-W||^2``; ``pr`` any ``> 0``).
+      alpha: splitting step size (``pr``: any ``> 0``; ``fb`` needs ``alpha < 2m/||I-W||^2`` and
+        falls back to ``m/||I-W||^2`` above it, see :func:`fb_step_size`).
       max_iter: iteration cap of the forward solve.
       tol: forward stopping tolerance on the max per-sample relative change.
       backward_max_iter, backward_tol: the same for the adjoint solve.
@@ -86,10 +92,21 @@ class MonotoneConfig:
 
 
 class MonotoneStats(NamedTuple):
-    """Solver statistics: iterations run and the final max per-sample relative change."""
+    """Solver statistics of a batch.
+
+    Attributes:
+      iterations: iterations run.
+      residual: the final max per-sample relative change (NaN if a sample is NaN).
+      nonconverged: samples whose final relative change is above ``tol`` or NaN.
+      diverged: samples whose state is non-finite.
+      alpha: the step size used (``fb``: see :func:`fb_step_size`).
+    """
 
     iterations: jax.Array
     residual: jax.Array
+    nonconverged: jax.Array
+    diverged: jax.Array
+    alpha: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------- W
@@ -189,8 +206,55 @@ def _sample_norm(x):
     return jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1))
 
 
+def fb_step_size(mat: jax.Array, alpha: float) -> jax.Array:
+    """The forward-backward step: ``alpha`` where it converges, else ``m / L^2``.
+
+    Forward-backward splitting converges for ``alpha < 2 m / L^2``, with ``m`` the monotonicity
+    margin (smallest eigenvalue of the symmetric part of ``I - W``) and ``L = ||I - W||_2``; both
+    are read off ``W`` (per frequency for a spectral operator: the min margin and the max norm).
+    Beyond the bound the iterates blow up, so the step falls back to ``m / L^2``, the step that
+    minimises the bound's contraction factor. ``W`` changes during training, hence a check at
+    run time rather than a config error. Not differentiated (the equilibrium does not depend on it).
+    """
+    mat = jax.lax.stop_gradient(mat)
+    n = mat.shape[-1]
+    s = jnp.eye(n, dtype=mat.dtype) - mat
+    s_h = jnp.conj(jnp.swapaxes(s, -1, -2))
+    margin = jnp.min(jnp.linalg.eigvalsh((s + s_h) / 2))
+    norm2 = jnp.max(jnp.linalg.eigvalsh(s_h @ s))
+    safe = margin / norm2
+    # margin <= 0 (only from rounding: the parametrisation guarantees >= m) gives no safe step.
+    return jnp.where((alpha < 2 * safe) | (margin <= 0), alpha, safe).astype(jnp.real(s).dtype)
+
+
+def _splitting_step(mat, c, method, alpha, transpose, prox):
+    """One iteration ``(z, u) -> (z, u)`` of the splitting (``u`` is used by ``pr`` only)."""
+    if method == "fb":
+
+        def step(carry):
+            z, _ = carry
+            z_new = prox((1.0 - alpha) * z + alpha * (matvec(mat, z, transpose) + c))
+            return z_new, z_new
+
+        return step
+    R = resolvent(mat, alpha)
+
+    def step(carry):
+        z, u = carry
+        u_half = 2.0 * z - u
+        z_half = matvec(R, u_half + alpha * c, transpose)
+        u_new = 2.0 * z_half - u_half
+        return prox(u_new), u_new
+
+    return step
+
+
 def splitting_solve(mat, c, cfg: MonotoneConfig, *, transpose=False, prox_mask=None, backward=False):
     """Solve ``z = prox(W z + c)`` by the configured operator splitting.
+
+    Per sample: a sample is finished when its relative change is at most ``tol`` or non-finite
+    (a NaN sample stops nobody and changes no other sample); the loop stops when every sample is
+    finished or after the iteration cap. ``fb`` uses :func:`fb_step_size`.
 
     Args:
       mat: ``W`` (dense or spectral, see module docstring).
@@ -201,46 +265,42 @@ def splitting_solve(mat, c, cfg: MonotoneConfig, *, transpose=False, prox_mask=N
       backward: use the backward iteration cap and tolerance.
 
     Returns:
-      ``(z, MonotoneStats)``.
+      ``(z, MonotoneStats)``; ``z`` has the dtype of ``c`` promoted with ``W``'s real dtype.
     """
-    alpha = cfg.alpha
     max_iter = cfg.backward_max_iter if backward else cfg.max_iter
     tol = cfg.backward_tol if backward else cfg.tol
+    # One state dtype for the loop carry (float32 weights and float64 inputs under x64 mix).
+    c = c.astype(jnp.promote_types(c.dtype, jnp.zeros((), mat.dtype).real.dtype))
+    alpha = fb_step_size(mat, cfg.alpha) if cfg.method == "fb" else jnp.asarray(cfg.alpha, c.dtype)
 
     def prox(y):
         return jax.nn.relu(y) if prox_mask is None else prox_mask * y
 
-    if cfg.method == "fb":
-
-        def step(carry):
-            z, _ = carry
-            z_new = prox((1.0 - alpha) * z + alpha * (matvec(mat, z, transpose) + c))
-            return z_new, z_new
-
-    else:
-        R = resolvent(mat, alpha)
-
-        def step(carry):
-            z, u = carry
-            u_half = 2.0 * z - u
-            z_half = matvec(R, u_half + alpha * c, transpose)
-            u_new = 2.0 * z_half - u_half
-            return prox(u_new), u_new
+    step = _splitting_step(mat, c, cfg.method, alpha, transpose, prox)
 
     def cond(state):
-        k, _, res = state
-        return (k < max_iter) & (res > tol)
+        k, _, diff = state
+        finished = (diff <= tol) | jnp.isnan(diff)
+        return (k < max_iter) & ~jnp.all(finished)
 
     def body(state):
         k, carry, _ = state
         new = step(carry)
         diff = _sample_norm(new[0] - carry[0]) / (_sample_norm(new[0]) + _EPS)
-        return k + 1, new, jnp.max(diff)
+        return k + 1, new, diff.astype(c.dtype)
 
     z0 = jnp.zeros_like(c)
-    init = (jnp.asarray(0), (z0, z0), jnp.asarray(jnp.inf, c.dtype))
-    k, (z, _), res = jax.lax.while_loop(cond, body, init)
-    return z, MonotoneStats(k, res)
+    init = (jnp.asarray(0, jnp.int32), (z0, z0), jnp.full((c.shape[0],), jnp.inf, c.dtype))
+    k, (z, _), diff = jax.lax.while_loop(cond, body, init)
+    finite = jnp.all(jnp.isfinite(z.reshape(z.shape[0], -1)), axis=1) & ~jnp.isnan(diff)
+    stats = MonotoneStats(
+        iterations=k,
+        residual=jnp.max(diff),
+        nonconverged=jnp.sum(~(diff <= tol)),
+        diverged=jnp.sum(~finite),
+        alpha=alpha,
+    )
+    return z, stats
 
 
 # -------------------------------------------------------------------- differentiable equilibrium

@@ -15,17 +15,21 @@ Three solvers share one driver (:func:`solve`):
   ``H += (dz - H dg) (dz^T H) / (dz^T H dg)`` keeps ``H dg = dz`` (no line search).
 
 Every solver evaluates ``f`` once per iteration. Residuals are per sample: ``abs = ||f(z) - z||``
-and ``rel = abs / (||f(z)|| + eps)`` over the non-batch axes; the solve stops when the largest
-residual of the batch (in ``stop_mode``) is at most ``tol``, after ``max_iter`` evaluations of
-``f``, or by a protective break when any residual is non-finite or exceeds ``protect_thres`` times
-its initial value (flagged ``diverged``). The returned iterate is, per sample, the one with the
-lowest residual seen (the initial point counts, so it is always defined; NaN iterates never win).
+and ``rel = abs / (||f(z)|| + eps)`` over the non-batch axes. Everything is decided **per
+sample**: a sample is finished when its best residual (in ``stop_mode``) is at most ``tol``, or
+when its protective break fires (a non-finite residual, or one beyond ``protect_thres`` times its
+initial value: flagged ``diverged``, its best iterate frozen); the solve stops when every sample
+is finished or after ``max_iter`` evaluations of ``f``. So one NaN sample neither stops nor
+changes the others. The returned iterate is, per sample, the one with the lowest residual seen
+(NaN iterates never win; the initial point counts unless ``count_initial=False``); a sample with
+no finite residual at all is returned as NaN, never as a finite stand-in.
 
 Defaults follow locuslab/torchdeq: 40 iterations, forward tol 1e-3 (its backward default, 1e-6, is
 :data:`BACKWARD_DEFAULT`), ``stop_mode='abs'``, Anderson ``m=6, lam=1e-4, beta=1``, fixed-point
 damping ``tau=1``, Broyden memory = ``max_iter``. Two choices are this library's: the Anderson
 ridge is relative to the residual scale by default (``lam_relative``; torchdeq's is absolute), and
-the protective threshold is 1e3 x the initial residual.
+a protective break at 1e6 x the initial residual (``protect_thres``; torchdeq has none, older
+locuslab/deq used 1e6 in ``abs`` mode).
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ class SolverConfig:
         are below ``sqrt(lam)`` (tight backward tolerances, small loss gradients); the relative
         ridge is scale-invariant.
       beta: Anderson mixing (1 = use ``f`` values only).
-      protect_thres: break when a residual grows beyond this factor of its initial value.
+      protect_thres: a sample whose residual grows beyond this factor of its initial value is
+        diverged (its best iterate is frozen and it no longer holds the loop); ``None``: only
+        non-finite residuals count. The default 1e6 (locuslab/deq's abs-mode value; torchdeq
+        has no such break) lets Broyden's transient growth pass, which exceeds 1e3 on solvable
+        problems, and still stops a geometric divergence within 40 iterations (1.5^34 > 1e6).
     """
 
     solver: str = "anderson"
@@ -71,7 +79,7 @@ class SolverConfig:
     lam: float = 1e-4
     lam_relative: bool = True
     beta: float = 1.0
-    protect_thres: float = 1e3
+    protect_thres: float | None = 1e6
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -86,6 +94,8 @@ class SolverConfig:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if self.protect_thres is not None and not self.protect_thres > 1:
+            raise ValueError(f"protect_thres must be > 1 or None, got {self.protect_thres}")
 
     @property
     def history(self) -> int:
@@ -108,7 +118,8 @@ class SolverStats(NamedTuple):
       abs_trace: ``(max_iter, B)`` absolute residual of each iterate; NaN after ``nstep``.
       rel_trace: ``(max_iter, B)`` relative residual of each iterate; NaN after ``nstep``.
       converged: ``(B,)`` whether the returned iterate meets ``tol`` in ``stop_mode``.
-      diverged: scalar bool, the protective break fired (non-finite or exploding residual).
+      diverged: ``(B,)`` the sample's protective break fired (non-finite residual, or growth
+        beyond ``protect_thres``) and it has not converged.
     """
 
     nstep: jax.Array
@@ -227,52 +238,72 @@ _IMPLS = {
 }
 
 
-def solve(f, z0: jax.Array, cfg: SolverConfig = FORWARD_DEFAULT, *, differentiable: bool = False):
+def solve(
+    f,
+    z0: jax.Array,
+    cfg: SolverConfig = FORWARD_DEFAULT,
+    *,
+    differentiable: bool = False,
+    count_initial: bool = True,
+):
     """Find ``z`` with ``f(z) = z``, starting from ``z0``.
 
     Args:
       f: ``z -> z`` on arrays shaped like ``z0``; axis 0 is the batch (one residual per sample).
-        ``f`` should treat samples independently (solvers mix nothing across the batch except the
-        stopping decision, which uses the largest residual).
+        ``f`` must treat samples independently: stopping, divergence and the returned iterate are
+        decided per sample, so a sample that turns NaN affects no other sample.
       z0: initial state, at least 1-D.
       cfg: solver choice and stopping rule (:class:`SolverConfig`).
       differentiable: ``False`` runs a ``lax.while_loop`` (stops early, no reverse-mode AD).
         ``True`` runs a ``lax.scan`` of ``max_iter - 1`` steps that skips (``lax.cond``) the steps
         after the stop, so autodiff through the unrolled solver works (the reference gradient).
+      count_initial: whether ``z0`` may be returned. The adjoint solve passes ``False``: its
+        start ``u = 0`` has residual ``||g||``, which a tiny cotangent puts below ``tol``, and
+        returning it would be an exactly-zero gradient. Needs ``max_iter >= 2``.
 
     Returns:
-      ``(z, stats)``: the per-sample lowest-residual iterate (shape of ``z0``) and
-      :class:`SolverStats`.
+      ``(z, stats)``: per sample, the lowest-residual iterate (shape of ``z0``), or NaN for a
+      sample none of whose iterates had a finite residual (a NaN input stays NaN in its row),
+      and :class:`SolverStats`.
     """
     if z0.ndim < 1:
         raise ValueError("z0 needs a batch axis (axis 0)")
+    if not count_initial and cfg.max_iter < 2:
+        raise ValueError(
+            f"max_iter={cfg.max_iter} leaves no iterate besides the start, which this solve may not "
+            "return; use max_iter >= 2 (b_max_iter for a DEQ's backward solve)"
+        )
     shape, batch = z0.shape, z0.shape[0]
-    flat_f = lambda zf: f(zf.reshape(shape)).reshape(batch, -1)
+    flat_f = lambda zf: f(zf.reshape(shape)).reshape(batch, -1)  # noqa: E731
     init, step = _IMPLS[cfg.solver]
-    score = (lambda a, r: a) if cfg.stop_mode == "abs" else (lambda a, r: r)
+    score = (lambda a, r: a) if cfg.stop_mode == "abs" else (lambda a, r: r)  # noqa: E731
+    carry0 = _initial_carry(init(z0.reshape(batch, -1), flat_f, cfg), cfg, count_initial)
 
-    carry0 = _initial_carry(init(z0.reshape(batch, -1), flat_f, cfg), cfg.max_iter)
-    abs0 = carry0["best_abs"]
+    def converged(c):
+        return score(c["best_abs"], c["best_rel"]) <= cfg.tol
 
     def done(c):
-        converged = jnp.max(score(c["best_abs"], c["best_rel"])) <= cfg.tol
-        return converged | c["diverged"] | (c["k"] >= cfg.max_iter)
+        # Per sample: a sample is finished when it converged or diverged; the loop runs while
+        # any sample is unfinished (a NaN sample is finished at once and stops nobody).
+        finished = converged(c) | c["diverged"]
+        return jnp.all(finished) | (c["k"] >= cfg.max_iter)
 
     def body(c):
         state, z, fz = step(c["state"], flat_f, cfg)
         a, r = _residuals(z, fz)
-        # NaN residuals compare False, so a NaN iterate never replaces the best one.
-        better = score(a, r) < score(c["best_abs"], c["best_rel"])
-        blowup = ~jnp.isfinite(a) | (a > cfg.protect_thres * abs0 + _EPS)
+        # NaN residuals compare False, so a NaN iterate never replaces the best one; nor does
+        # any iterate of a sample after its protective break.
+        better = (score(a, r) < score(c["best_abs"], c["best_rel"])) & ~c["diverged"]
         return dict(
             k=c["k"] + 1,
             state=state,
+            abs0=c["abs0"],
             best_z=jnp.where(better[:, None], z, c["best_z"]),
             best_abs=jnp.where(better, a, c["best_abs"]),
             best_rel=jnp.where(better, r, c["best_rel"]),
             abs_trace=c["abs_trace"].at[c["k"]].set(a),
             rel_trace=c["rel_trace"].at[c["k"]].set(r),
-            diverged=jnp.any(blowup),
+            diverged=c["diverged"] | _blowup(a, c["abs0"], cfg),
         )
 
     if differentiable:
@@ -282,30 +313,45 @@ def solve(f, z0: jax.Array, cfg: SolverConfig = FORWARD_DEFAULT, *, differentiab
     else:
         c = lax.while_loop(lambda c: ~done(c), body, carry0)
 
+    ok = converged(c)
+    best = score(c["best_abs"], c["best_rel"])
     stats = SolverStats(
         nstep=c["k"],
         abs_res=c["best_abs"],
         rel_res=c["best_rel"],
         abs_trace=c["abs_trace"],
         rel_trace=c["rel_trace"],
-        converged=score(c["best_abs"], c["best_rel"]) <= cfg.tol,
-        diverged=c["diverged"],
+        converged=ok,
+        diverged=c["diverged"] & ~ok,
     )
-    return c["best_z"].reshape(shape), stats
+    # A sample without any finite-residual iterate returns NaN: a finite stand-in (the start)
+    # would give finite, wrong outputs downstream.
+    z = jnp.where(jnp.isfinite(best)[:, None], c["best_z"], jnp.nan)
+    return z.reshape(shape), stats
 
 
-def _initial_carry(initialised, max_iter: int) -> dict:
-    """The solver loop's carry after the first iterate: best so far, residual traces, divergence."""
+def _blowup(abs_res, abs0, cfg: SolverConfig):
+    """Per sample: the protective break condition (non-finite, or beyond ``protect_thres``)."""
+    blowup = ~jnp.isfinite(abs_res)
+    if cfg.protect_thres is not None:
+        blowup = blowup | (abs_res > cfg.protect_thres * abs0 + _EPS)
+    return blowup
+
+
+def _initial_carry(initialised, cfg: SolverConfig, count_initial: bool) -> dict:
+    """The solver loop's carry after the first evaluation: best so far, traces, divergence."""
     state, z, fz = initialised
     abs0, rel0 = _residuals(z, fz)
-    nan_trace = jnp.full((max_iter, z.shape[0]), jnp.nan, abs0.dtype)
+    nan_trace = jnp.full((cfg.max_iter, z.shape[0]), jnp.nan, abs0.dtype)
+    inf = jnp.full_like(abs0, jnp.inf)
     return dict(
         k=jnp.asarray(1, jnp.int32),
         state=state,
+        abs0=abs0,
         best_z=z,
-        best_abs=abs0,
-        best_rel=rel0,
+        best_abs=abs0 if count_initial else inf,
+        best_rel=rel0 if count_initial else inf,
         abs_trace=nan_trace.at[0].set(abs0),
         rel_trace=nan_trace.at[0].set(rel0),
-        diverged=~jnp.all(jnp.isfinite(abs0)),
+        diverged=~jnp.isfinite(abs0),
     )

@@ -26,12 +26,15 @@ so gradients flow to those parameters through the chosen backward mode.
 
 ``out['metrics']`` (scalars, for logging): ``deq_active`` (1 in the solver phase), forward
 ``deq_fwd_nstep``, ``deq_fwd_abs_res``/``deq_fwd_rel_res`` (batch mean), ``deq_fwd_abs_res_max``,
-``deq_fwd_nonconverged`` (samples above tol), ``deq_fwd_diverged``; when ``train`` and
-``monitor_backward``: ``deq_bwd_nstep``, ``deq_bwd_abs_res``, ``deq_bwd_rel_res``,
-``deq_bwd_nonconverged`` from a solve of the adjoint system ``u = J^T u + g`` at ``z*`` with a
-random probe ``g`` (the true cotangent only exists in the backward pass; the probe solves the
-same linear system, so it measures the backward solver's health; it costs one backward solve);
-``deq_jac_loss`` and ``deq_fp_loss``. ``out['aux_loss']`` is ``jac_weight * jac_loss +
+``deq_fwd_nonconverged`` (samples above tol), ``deq_fwd_diverged`` (samples whose protective
+break fired, e.g. a NaN input row: that row stays NaN, the others are solved as if alone); when
+``train``, ``grad='ift'`` and ``monitor_backward``: ``deq_bwd_nstep``, ``deq_bwd_abs_res``,
+``deq_bwd_rel_res``, ``deq_bwd_nonconverged``, ``deq_bwd_diverged`` from a probe of the adjoint
+solve (:meth:`DEQBase._backward_probe`: the same linear system with a random unit-norm cotangent
+on ``monitor_samples`` samples); ``deq_jac_loss`` and ``deq_fp_loss``. The ``*_nonconverged``
+and ``*_diverged`` metrics count samples: a training job can treat any of them > 0 as a failed
+solve. A failed backward solve returns its lowest-residual iterate, never its start ``u = 0``.
+``out['aux_loss']`` is ``jac_weight * jac_loss +
 fp_weight * fp_loss`` (zero at evaluation and during pretraining): the train loop adds it to the
 task loss. All metrics are zero in the pretraining phase (``deq_active = 0``).
 
@@ -75,6 +78,7 @@ METRIC_NAMES = (
     "deq_bwd_abs_res",
     "deq_bwd_rel_res",
     "deq_bwd_nonconverged",
+    "deq_bwd_diverged",
     "deq_jac_loss",
     "deq_fp_loss",
 )
@@ -101,7 +105,11 @@ class DEQBase(nn.Module):
       jac_freq: probability of computing the penalty at a training step (torchdeq's
         ``jac_loss_freq``); the coin uses the ``dropout`` RNG.
       fp_weight: weight of the fixed-point residual (correction) loss (0 disables it).
-      monitor_backward: measure the adjoint solve at training steps (``deq_bwd_*``).
+      monitor_backward: measure the adjoint solve at training steps with ``grad='ift'``
+        (``deq_bwd_*``, :meth:`_backward_probe`). Off by default (it costs a partial backward
+        solve per step): turn it on to see backward-solve failures (``configs/cifar_deq.py``'s
+        ``mdeq`` variant does).
+      monitor_samples: samples the backward probe solves for (the first ones of the batch).
       remat_policy: remat policy of the pretraining stack (:class:`~wtjax.core.tied.Tied`).
       dtype: compute dtype of the block, stem and head, ``'float32'`` or ``'bfloat16'``
         (:mod:`wtjax.core.precision`); the solver stays float32 (module docstring).
@@ -130,6 +138,7 @@ class DEQBase(nn.Module):
     jac_freq: float = 1.0
     fp_weight: float = 0.0
     monitor_backward: bool = False
+    monitor_samples: int = 8
     remat_policy: str | None = None
     dtype: str = "float32"
 
@@ -206,19 +215,11 @@ class DEQBase(nn.Module):
             deq_fwd_rel_res=f32(jnp.mean(stats.rel_res)),
             deq_fwd_abs_res_max=f32(jnp.max(stats.abs_res)),
             deq_fwd_nonconverged=f32(jnp.sum(~stats.converged)),
-            deq_fwd_diverged=f32(stats.diverged),
+            deq_fwd_diverged=f32(jnp.sum(stats.diverged)),
         )
         aux = zero
-        if train and self.monitor_backward:
-            g = jax.random.normal(jax.random.fold_in(key, 1), z.shape, z.dtype)
-            sg = jax.lax.stop_gradient
-            _, b_stats, _ = adjoint_solve(self._f, sg(p), sg(x), sg(z), g, self._solver("b"))
-            metrics.update(
-                deq_bwd_nstep=f32(b_stats.nstep),
-                deq_bwd_abs_res=f32(jnp.mean(b_stats.abs_res)),
-                deq_bwd_rel_res=f32(jnp.mean(b_stats.rel_res)),
-                deq_bwd_nonconverged=f32(jnp.sum(~b_stats.converged)),
-            )
+        if train and self.monitor_backward and self.grad == "ift":
+            metrics.update(self._backward_probe(p, x, z, key))
         if train and self.jac_weight > 0:
             jac = lambda: f32(jacobian_penalty(self._f, p, x, z, jax.random.fold_in(key, 2)))  # noqa: E731
             if self.jac_freq >= 1.0:
@@ -234,6 +235,33 @@ class DEQBase(nn.Module):
             aux = aux + self.fp_weight * fp_loss
         return z, metrics, aux
 
+    def _backward_probe(self, p, x, z, key) -> dict:
+        """``deq_bwd_*``: the adjoint solve ``u = J^T u + g`` at ``z*`` for a random probe ``g``.
+
+        The real cotangent exists only inside the backward pass, from which a custom JVP/VJP
+        can report only through a cotangent or a host callback; the probe solves the same
+        linear system ``(I - J)^T u = g`` with the same solver. It runs on the first
+        ``monitor_samples`` samples (``f`` treats samples independently; every leaf of ``x``
+        has the batch on axis 0), with a unit-norm ``g`` per sample, so its cost is a fraction
+        of a backward solve and ``b_tol`` in ``abs`` mode reads as relative to the cotangent.
+        """
+        if self.monitor_samples < 1:
+            raise ValueError(f"monitor_samples must be >= 1, got {self.monitor_samples}")
+        n = min(self.monitor_samples, z.shape[0])
+        sg = jax.lax.stop_gradient
+        head = lambda a: sg(a)[:n]  # noqa: E731
+        g = jax.random.normal(jax.random.fold_in(key, 1), (n,) + z.shape[1:], z.dtype)
+        g = g / jnp.linalg.norm(g.reshape(n, -1), axis=1).reshape((n,) + (1,) * (z.ndim - 1))
+        _, stats, _ = adjoint_solve(self._f, sg(p), jax.tree.map(head, x), head(z), g, self._solver("b"))
+        f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        return dict(
+            deq_bwd_nstep=f32(stats.nstep),
+            deq_bwd_abs_res=f32(jnp.mean(stats.abs_res)),
+            deq_bwd_rel_res=f32(jnp.mean(stats.rel_res)),
+            deq_bwd_nonconverged=f32(jnp.sum(~stats.converged)),
+            deq_bwd_diverged=f32(jnp.sum(stats.diverged)),
+        )
+
     def _solve(self, x, *, train: bool, step, max_iter: int | None):
         """Create (at init) or read the block parameters and run the phase ``step`` selects.
 
@@ -245,7 +273,7 @@ class DEQBase(nn.Module):
             # Creates tied/block exactly as the weight-tied model does: the parameter trees coincide.
             Tied(self._block(), depth=self.depth, name="tied")(jnp.zeros_like(x), x)
         p = self.variables["params"]["tied"]["block"]
-        needs_key = train and (self.monitor_backward or self.jac_weight > 0)
+        needs_key = train and ((self.monitor_backward and self.grad == "ift") or self.jac_weight > 0)
         key = self.make_rng("dropout") if needs_key else jax.random.key(0)
 
         deq = lambda p, x: self._deq_phase(p, x, key, train=train, max_iter=max_iter)  # noqa: E731

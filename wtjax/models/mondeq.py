@@ -19,7 +19,11 @@ batch/group norm of the input.
 
 ``out``: ``pre_logits`` (the pooled/flattened ``z*``) and ``metrics`` (scalars the train loop
 logs): ``mon_fwd_iters`` (forward splitting iterations), ``mon_fwd_res`` (final max per-sample
-relative change) and ``mon_fwd_nonconverged`` (1 if the solve stopped at ``max_iter`` above tol).
+relative change, NaN if a sample is NaN), ``mon_fwd_nonconverged`` (samples above tol or NaN when
+the solve stopped), ``mon_fwd_diverged`` (samples with a non-finite state) and ``mon_fwd_alpha``
+(the step size used: ``fb`` replaces an ``alpha`` beyond its convergence bound, see
+:func:`wtjax.implicit.monotone.fb_step_size`). Runs under ``jax_enable_x64`` too (parameters
+stay float32).
 
 Mixed precision (``dtype``, :mod:`wtjax.core.precision`): only the input projection ``U`` and the head
 run in the compute dtype. ``W`` (built from ``A``, ``B``), the splitting iterations, their FFTs
@@ -45,14 +49,18 @@ class _Weight(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", _init_ab, self.shape)
+        # float32 like every parameter of the library (an initializer's default dtype is float64
+        # under jax_enable_x64, which would make W float64 and the solver's carry mixed).
+        return self.param("kernel", _init_ab, self.shape, jnp.float32)
 
 
-def _metrics(stats: mon.MonotoneStats, cfg: mon.MonotoneConfig) -> dict:
+def _metrics(stats: mon.MonotoneStats) -> dict:
     return {
         "mon_fwd_iters": stats.iterations.astype(jnp.float32),
         "mon_fwd_res": stats.residual.astype(jnp.float32),
-        "mon_fwd_nonconverged": (stats.residual > cfg.tol).astype(jnp.float32),
+        "mon_fwd_nonconverged": stats.nonconverged.astype(jnp.float32),
+        "mon_fwd_diverged": stats.diverged.astype(jnp.float32),
+        "mon_fwd_alpha": stats.alpha.astype(jnp.float32),
     }
 
 
@@ -154,7 +162,7 @@ class MonDEQFC(nn.Module):
         x = precision.cast(images.reshape(images.shape[0], -1), dtype)
         z, stats = _MonotoneFC(self.width, self.m, self.parametrization, cfg, dtype, name="mon")(x)
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(z))
-        return logits, {"pre_logits": z, "metrics": _metrics(stats, cfg)}
+        return logits, {"pre_logits": z, "metrics": _metrics(stats)}
 
 
 class MonDEQConv(nn.Module):
@@ -195,7 +203,7 @@ class MonDEQConv(nn.Module):
         pooled = nn.avg_pool(z, (h // self.pool, w // self.pool), strides=(h // self.pool, w // self.pool))
         feats = pooled.reshape(pooled.shape[0], -1)
         logits = precision.upcast(nn.Dense(self.num_classes, dtype=dtype, name="head")(feats))
-        return logits, {"pre_logits": feats, "metrics": _metrics(stats, cfg)}
+        return logits, {"pre_logits": feats, "metrics": _metrics(stats)}
 
 
 def matrices(params) -> dict:
