@@ -31,6 +31,18 @@ def _require(module: str):
         pytest.skip(f"{module} not installed (pip install -e '.[aot]')")
 
 
+@pytest.fixture(autouse=True)
+def full_optimisation(monkeypatch):
+    """Compile as users do: the suite's cheap CPU compilation mode (conftest.py) is off here, so
+    memory analyses and programs are those of the default compiler (children inherit it)."""
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture(scope="module")
 def tpu():
     _require("libtpu")
