@@ -202,9 +202,7 @@ def make_dataset(
     Returns:
       The :class:`Dataset`.
     """
-    _check_arguments(name, train, test, seed, process_index, process_count, crop_padding)
-    for source in (train, test):
-        _check_labels(name, source, int(num_classes))
+    _check_arguments(name, train, test, num_classes, seed, process_index, process_count, crop_padding)
     train_index, eval_source, eval_index, eval_split = _eval_split(
         name, train, test, int(holdout or 0), test_name
     )
@@ -232,7 +230,11 @@ def make_dataset(
     )
 
 
-def _check_arguments(name, train, test, seed, process_index, process_count, crop_padding) -> None:
+def _check_arguments(
+    name, train, test, num_classes, seed, process_index, process_count, crop_padding
+) -> None:
+    for source in (train, test):
+        _check_labels(name, source, int(num_classes))
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not 0 <= process_index < process_count:

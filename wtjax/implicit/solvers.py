@@ -288,6 +288,21 @@ def solve(
         finished = converged(c) | c["diverged"]
         return jnp.all(finished) | (c["k"] >= cfg.max_iter)
 
+    body = _iteration(step, flat_f, score, cfg)
+
+    if differentiable:
+        c, _ = lax.scan(
+            lambda c, _: (lax.cond(done(c), lambda c: c, body, c), None), carry0, None, cfg.max_iter - 1
+        )
+    else:
+        c = lax.while_loop(lambda c: ~done(c), body, carry0)
+
+    return _result(c, converged(c), score, shape)
+
+
+def _iteration(step, flat_f, score, cfg: SolverConfig):
+    """The solver loop's body: one step of the solver, then each sample's best iterate and break."""
+
     def body(c):
         state, z, fz = step(c["state"], flat_f, cfg)
         a, r = _residuals(z, fz)
@@ -306,15 +321,11 @@ def solve(
             diverged=c["diverged"] | _blowup(a, c["abs0"], cfg),
         )
 
-    if differentiable:
-        c, _ = lax.scan(
-            lambda c, _: (lax.cond(done(c), lambda c: c, body, c), None), carry0, None, cfg.max_iter - 1
-        )
-    else:
-        c = lax.while_loop(lambda c: ~done(c), body, carry0)
+    return body
 
-    ok = converged(c)
-    best = score(c["best_abs"], c["best_rel"])
+
+def _result(c, ok, score, shape):
+    """``(z, stats)`` from the loop's final carry ``c``; ``ok``: which samples converged."""
     stats = SolverStats(
         nstep=c["k"],
         abs_res=c["best_abs"],
@@ -326,6 +337,7 @@ def solve(
     )
     # A sample without any finite-residual iterate returns NaN: a finite stand-in (the start)
     # would give finite, wrong outputs downstream.
+    best = score(c["best_abs"], c["best_rel"])
     z = jnp.where(jnp.isfinite(best)[:, None], c["best_z"], jnp.nan)
     return z.reshape(shape), stats
 
