@@ -29,6 +29,7 @@ FLAGS = [
     "--config.keep_checkpoints=5",
     "--config.log_every_steps=10",
     "--config.tensorboard=False",
+    "--jax_platforms=cpu",  # JAX's own flags are accepted (jax.config.config_with_absl)
 ]
 
 

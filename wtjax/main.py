@@ -7,13 +7,15 @@
 Rerunning the same command resumes from the newest checkpoint in the workdir. A notebook does the
 same with ``train.train_and_evaluate(get_config(), workdir)``. On SIGTERM (a preemption notice)
 the job saves the step it reached and exits with status 0. A workdir in use by another live job
-is refused at once: one line on stderr, status 1.
+is refused at once: one line on stderr, status 1. JAX's own flags are accepted as well
+(``--jax_platforms=cpu``, ``--jax_log_compiles`` ...).
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -49,4 +51,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
+    jax.config.config_with_absl()  # JAX's own flags too, e.g. --jax_platforms=cpu (as Flax's examples)
     app.run(main)
