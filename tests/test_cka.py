@@ -54,3 +54,14 @@ def test_probe_finds_linearly_separable_classes_and_not_noise():
     )
     assert acc[0] > 0.9 and acc[1] < 0.6
     assert probes.pool(np.ones((2, 4, 4, 5))).shape == (2, 5)
+
+
+@pytest.mark.parametrize("examples, batch_size", [(12, 250), (12, 3), (0, 4)])
+def test_minibatch_cka_without_a_complete_batch_is_a_clear_error(examples, batch_size):
+    """12 examples at the CLI's default batch of 250 gave NaN entries (0/0) and a blank heatmap."""
+    rng = np.random.default_rng(0)
+    layers = [rng.standard_normal((examples, 5)) for _ in range(2)]
+    with pytest.raises(ValueError, match="needs 3 < batch size <= the"):
+        cka.cka_matrix(layers, batch_size=batch_size)
+    with pytest.raises(ValueError, match="at least one batch"):
+        cka.minibatch_cka([])

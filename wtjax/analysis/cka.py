@@ -53,6 +53,8 @@ def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
 
 def minibatch_cka(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
     """Minibatch CKA from ``[(x_b, y_b), ...]`` pairs of representations of the same batches."""
+    if not batches:
+        raise ValueError("minibatch CKA needs at least one batch of more than 3 examples")
     kl = kk = ll = 0.0
     for x, y in batches:
         k, l = _gram(x), _gram(y)  # noqa: E741
@@ -67,8 +69,19 @@ def cka_matrix(layers: Sequence[np.ndarray], batch_size: int | None = None) -> n
 
     With ``batch_size`` the minibatch (unbiased) estimator is used over consecutive batches of that
     size (a trailing partial batch is dropped); otherwise the biased estimator on all examples.
+
+    Raises:
+      ValueError: fewer examples than ``batch_size`` (no complete batch: the estimate would be
+        0/0), or a ``batch_size`` of 3 or less (the unbiased estimator needs more).
     """
     n_layers = len(layers)
+    examples = len(layers[0]) if n_layers else 0
+    if batch_size is not None and not 3 < batch_size <= examples:
+        raise ValueError(
+            f"minibatch CKA over batches of {batch_size} needs 3 < batch size <= the {examples} examples: "
+            "use a batch size in that range (e.g. --cka_batch) or the biased estimator on all examples "
+            "(batch_size=None, --cka_batch=0)"
+        )
     out = np.eye(n_layers)
     for i in range(n_layers):
         for j in range(i):
