@@ -228,3 +228,12 @@ def test_exactly_one_of_many_concurrent_claimants_wins(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str([1] * 30)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run", "file:///tmp/run"])
+def test_a_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, url):
+    """``--workdir=gs://bucket/run`` used to create the local folder ``gs:/bucket/run``."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(workdir_lock.UnsupportedWorkdir, match=r"is a \w+:// URL.*mounted path"):
+        train_and_evaluate(load_config("tiny"), url)
+    assert list(tmp_path.iterdir()) == []

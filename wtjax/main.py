@@ -45,7 +45,7 @@ def main(argv):
         # Saved and stopped on a preemption notice (the job printed the checkpoint): a clean stop,
         # exit status 0; rerunning resumes. Unlike a finished run, the workdir has no summary.json.
         return
-    except workdir_lock.WorkdirLocked as e:
+    except (workdir_lock.WorkdirLocked, workdir_lock.UnsupportedWorkdir) as e:
         raise SystemExit(f"wtjax: {e}") from None  # one line, status 1: nothing ran, nothing to trace
 
 

@@ -143,7 +143,7 @@ def _open_run(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
     config_schema.validate(config)
     mesh = parallel.create_mesh(config.num_devices)
     main = parallel.is_main_process()
-    workdir = Path(workdir).absolute()
+    workdir = workdir_lock.local_workdir(workdir)  # a gs:// URL is refused, not made a local folder
     _lock_workdir(workdir, main, cleanup)
     log = functools.partial(print, flush=True) if main else (lambda text: None)
     changes = resume.check(config, workdir, log)  # every process: a refused resume stops them all

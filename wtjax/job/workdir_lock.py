@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -36,6 +37,27 @@ LOCK_FILE = ".wtjax.lock"
 
 class WorkdirLocked(RuntimeError):
     """Another live process (or another thread of this one) holds the workdir's lock."""
+
+
+class UnsupportedWorkdir(ValueError):
+    """The workdir is a URL (``gs://...``): the job reads and writes it with local file I/O."""
+
+
+def local_workdir(workdir: str | Path) -> Path:
+    """``workdir`` as an absolute local path; a URL is refused.
+
+    ``Path("gs://bucket/run")`` is the local folder ``gs:/bucket/run``: without this check a cloud
+    URL would silently become a local directory. The job's files, orbax's checkpoints and this
+    lock all need a filesystem: mount the bucket (e.g. gcsfuse) or use a shared filesystem.
+    """
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(workdir))
+    if scheme:
+        raise UnsupportedWorkdir(
+            f"workdir {workdir} is a {scheme.group(1)}:// URL, which the job does not support (it would "
+            "become a local folder): use a local or mounted path (a shared filesystem, or the bucket "
+            "mounted with e.g. gcsfuse)"
+        )
+    return Path(workdir).absolute()
 
 
 @dataclasses.dataclass

@@ -198,7 +198,7 @@ def execute(
     print(f"sweep: {len(mine)} runs in shard {index}/{count}, {len(todo)} to do", flush=True)
     done, failed = [], []
     for n, run in enumerate(todo, 1):
-        workdir = Path(root) / scale / run.id
+        workdir = workdir_lock.local_workdir(root) / scale / run.id
         out = result_path(results_dir, scale, run)
         lock = _claim(workdir)
         if lock is None:
