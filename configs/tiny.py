@@ -36,4 +36,5 @@ def get_config(arg=None):
         checkpoint_every_steps=2,
         progress=False,
         accounting=False,
+        plots=False,  # matplotlib's import would double a tiny run's time (tests that plot turn it on)
     )

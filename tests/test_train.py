@@ -6,6 +6,7 @@ import json
 import shutil
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 from train_utils import (
@@ -36,7 +37,7 @@ def tiny(arg=None, **overrides):
 
 
 def test_end_to_end_writes_config_metrics_checkpoints_and_summary(tmp_path):
-    config = tiny(**{"tensorboard": True})
+    config = tiny(**{"tensorboard": True, "plots": True, "eval_every_steps": 2})
     result = train_and_evaluate(config, tmp_path)
     assert result["step"] == 4 and checkpoint_steps(tmp_path) == [2, 4]
     assert 0.0 <= result[metrics.EVAL_ACCURACY] <= 1.0 and np.isfinite(result[metrics.EVAL_LOSS])
@@ -53,6 +54,9 @@ def test_end_to_end_writes_config_metrics_checkpoints_and_summary(tmp_path):
     )
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 4
     assert any((tmp_path / "tensorboard").iterdir())
+    assert metrics.EVAL_ACCURACY in records[2]  # an evaluation inside the loop: curves.png redrawn
+    curves = matplotlib.image.imread(tmp_path / "curves.png")
+    assert curves.ndim == 3 and curves.shape[1] > curves.shape[0] and curves.std() > 0  # three panels
     # The step is jitted once (assert_max_traces inside the job) and the params really moved.
     init = jax.tree.leaves(read_params(tmp_path, 2))
     final = jax.tree.leaves(read_params(tmp_path, 4))

@@ -139,19 +139,12 @@ from wtjax.job import train
 summary = train.train_and_evaluate(config, workdir)
 print({k: summary[k] for k in ("step", "eval/accuracy", "num_params", "wall_time_s")})
 """,
-        "## Curves",
+        "## Curves\n\nThe job redraws `curves.png` in the workdir at every evaluation (every point "
+        "marked, so a short run shows its few values); `metrics.jsonl` holds the numbers.",
         """
-import matplotlib.pyplot as plt
+from IPython.display import Image, display
 
-from wtjax.job import metrics
-
-records = metrics.read_jsonl(f"{workdir}/metrics.jsonl")
-steps = [s for s, r in sorted(records.items()) if "train/loss" in r]
-plt.figure(figsize=(5, 3))
-plt.plot(steps, [records[s]["train/loss"] for s in steps])
-plt.xlabel("step")
-plt.ylabel("training loss")
-plt.show()
+display(Image(f"{workdir}/curves.png"))
 """,
         "## Evaluate the checkpoint\n\nRestore the saved state and score the evaluation split by hand.",
         """

@@ -51,3 +51,33 @@ def probe_curve(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# (metric key, panel title) of :func:`training_curves`, one panel each.
+_CURVES = (
+    ("train/loss", "train loss"),
+    ("eval/accuracy", "eval accuracy"),
+    ("train/learning_rate", "learning rate"),
+)
+
+
+def training_curves(records: dict[int, dict], path: str, title: str = "") -> None:
+    """Train loss, eval accuracy and learning rate against the step, one panel each.
+
+    ``records``: ``{step: {metric: value}}`` as :func:`wtjax.job.metrics.read_jsonl` returns them.
+    Every point is marked, so a run of a few steps still shows its values; a metric with no
+    finite value yet leaves its panel empty (titled as such).
+    """
+    fig = Figure(figsize=(11, 3.2))
+    for ax, (key, name) in zip(fig.subplots(1, len(_CURVES)), _CURVES, strict=True):
+        points = [(s, r[key]) for s, r in sorted(records.items()) if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o", markersize=3)
+        ax.set_title(name if points else f"{name} (none yet)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -240,6 +240,7 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
     cfg.progress = True  # print a progress line between log steps
     cfg.accounting = True  # print parameter/FLOP accounting at the end
+    cfg.plots = True  # <workdir>/curves.png (loss, eval accuracy, learning rate) at each evaluation
     for key, value in overrides.items():
         if key not in cfg:
             raise KeyError(f"unknown config key {key!r}; keys are {sorted(cfg)}")

@@ -41,6 +41,7 @@ HARMLESS = frozenset(
         "tensorboard",
         "progress",
         "accounting",
+        "plots",
         "resume_despite_changes",
         "solver_failure",  # what the job does on a failed solve from now on (log, skip, stop)
         "data.data_dir",

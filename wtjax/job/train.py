@@ -381,6 +381,7 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
                 t_interval, steps_in_interval = time.perf_counter(), 0
             if run.eval_every and done % run.eval_every == 0 and done != run.total_steps and not preempted:
                 writer.write(done, evaluate(state))
+                _plot_curves(run)
                 t_interval, steps_in_interval = time.perf_counter(), 0
             if checkpointer.should_save(done) or done == run.total_steps or preempted:
                 pending.check()  # never save a non-finite state (its metrics wait for the next log)
@@ -407,6 +408,7 @@ def _final_summary(run: _Run, state, evaluate, checkpointer, last_train, num_par
     final_eval = evaluate(state)
     final_step = int(jax.device_get(state.step))
     run.writer.write(final_step, final_eval)
+    _plot_curves(run)
     checkpointer.close()
     wall = time.perf_counter() - t_start
     run.log(
@@ -423,6 +425,19 @@ def _final_summary(run: _Run, state, evaluate, checkpointer, last_train, num_par
         "eval_split": run.dataset.eval_split,
         "wall_time_s": wall,
     }
+
+
+def _plot_curves(run: _Run) -> None:
+    """``<workdir>/curves.png`` from ``metrics.jsonl`` (process 0, ``config.plots``)."""
+    if not (run.main and run.config.plots):
+        return
+    try:
+        from wtjax.analysis import plots  # imported here: matplotlib only when a run plots
+
+        records = metrics.read_jsonl(run.workdir / "metrics.jsonl")
+        plots.training_curves(records, str(run.workdir / "curves.png"), title=run.config.name)
+    except Exception as e:  # a picture is never a reason to lose a run
+        run.log(f"(curves.png not written: {type(e).__name__}: {e})")
 
 
 def _write_summary(run: _Run, summary: dict, model, state) -> None:
