@@ -1,6 +1,7 @@
 """The analysis command runs on checkpoints of the training job and writes its plots and numbers."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,5 @@ def test_analysis_on_a_trained_checkpoint(tmp_path):
     cli = json.loads((tmp_path / "cli" / "analysis.json").read_text())["multi"]
     np.testing.assert_allclose(cli["cka"], res["cka"], atol=1e-6)
     assert cli["probe_accuracy"] == res["probe_accuracy"]
+    python_info = re.findall(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", proc.stderr, re.M)
+    assert not python_info, python_info[:3]  # orbax's INFO lines (23 of them) are silenced

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_dict
 
 from wtjax.analysis import cka, plots, probes
@@ -154,8 +154,11 @@ def main() -> None:
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO, as in wtjax.main
+            logging.set_verbosity(logging.WARNING)
         analyse(workdirs.value, out.value, num_examples.value, cka_batch.value)
 
+    jax.config.config_with_absl()  # JAX's own flags too (--jax_platforms=cpu ...)
     app.run(run)
 
 
