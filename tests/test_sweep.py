@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -133,9 +134,10 @@ def test_a_lock_file_holding_garbage_is_no_obstacle(tmp_path):
     assert sweep.execute([tiny("a"), tiny("b"), tiny("c")], **kw) == ["a", "b", "c"] and len(calls) == 3
 
 
-def test_a_real_tiny_run_trains_once_then_is_skipped(tmp_path):
+def test_a_real_tiny_run_trains_once_then_is_skipped(tmp_path, capsys):
     kw = dict(scale="cpu", root=tmp_path / "runs", results_dir=tmp_path / "results")
     assert sweep.execute([tiny("real")], **kw) == ["real"]
+    assert re.search(r"\[1/1\] real: eval accuracy .*; sweep ETA 0 s", capsys.readouterr().out)
     result = json.loads((tmp_path / "results" / "cpu" / "real.json").read_text())
     assert result["summary"]["step"] == 3 and 0.0 <= result["summary"]["eval/accuracy"] <= 1.0
     assert result["median_step_time_s"] > 0

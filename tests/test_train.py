@@ -36,9 +36,12 @@ def tiny(arg=None, **overrides):
     return load_config("tiny", arg, **overrides)
 
 
-def test_end_to_end_writes_config_metrics_checkpoints_and_summary(tmp_path):
-    config = tiny(**{"tensorboard": True, "plots": True, "eval_every_steps": 2})
+def test_end_to_end_writes_config_metrics_checkpoints_and_summary(tmp_path, capsys):
+    config = tiny(**{"tensorboard": True, "plots": True, "eval_every_steps": 2, "progress": True})
     result = train_and_evaluate(config, tmp_path)
+    out, err = capsys.readouterr()
+    assert "compiling the train step" in out and "[step 4]" in out
+    assert "train: 100%" in err and "4/4" in err and "eval" in err  # tqdm bars, with rate and ETA
     assert result["step"] == 4 and checkpoint_steps(tmp_path) == [2, 4]
     assert 0.0 <= result[metrics.EVAL_ACCURACY] <= 1.0 and np.isfinite(result[metrics.EVAL_LOSS])
     assert result[metrics.EVAL_COUNT] == config.data.num_eval  # padding rows are masked out

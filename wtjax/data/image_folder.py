@@ -19,6 +19,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from wtjax.data.sources import ArraySource, DataError
 
@@ -107,9 +108,11 @@ def decode_all(paths: list[str], expected_shape: tuple[int, int, int] | None, wo
             )
         out[i] = img
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        # list() re-raises the first worker exception here.
-        list(pool.map(put, range(len(paths)), chunksize=256))
+    bar = tqdm(total=len(paths), desc="decoding images", unit="img", mininterval=2.0, leave=False)
+    with bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Consuming the results in order re-raises the first worker exception here.
+        for _ in pool.map(put, range(len(paths)), chunksize=256):
+            bar.update()
     return out
 
 

@@ -238,7 +238,7 @@ def base_config(*, model, data, optim, **overrides) -> config_dict.ConfigDict:
     # (wtjax.job.resume; the changes are recorded in <workdir>/config_history.jsonl).
     cfg.resume_despite_changes = False
     cfg.tensorboard = True  # write TensorBoard event files to <workdir>/tensorboard
-    cfg.progress = True  # print a progress line between log steps
+    cfg.progress = True  # progress bars (train, eval) with rate and ETA on stderr (tqdm)
     cfg.accounting = True  # print parameter/FLOP accounting at the end
     cfg.plots = True  # <workdir>/curves.png (loss, eval accuracy, learning rate) at each evaluation
     for key, value in overrides.items():

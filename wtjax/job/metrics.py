@@ -2,7 +2,7 @@
 
 Every metric goes to three places, from process 0 only:
 
-* stdout: one line per log/eval step, plus a progress line between them;
+* stdout: one line per log/eval step (stderr: progress bars with rate and ETA, :func:`progress_bar`);
 * ``<workdir>/metrics.jsonl``: one JSON object per line, ``{"step": s, "<name>": value, ...}``
   (appended; after a resume the steps between the last checkpoint and the interruption appear
   twice: readers keep the last record of a step, :func:`read_jsonl` does);
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 # Training metrics, averaged over the steps since the previous log step.
 TRAIN_LOSS = "train/loss"  # cross-entropy + aux_loss (what is minimised)
@@ -77,7 +79,7 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if echo:
-            print(f"[step {step}] " + format_values(values), flush=True)
+            tqdm.write(f"[step {step}] " + format_values(values), file=sys.stdout)  # above any bar
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -101,33 +103,20 @@ def read_jsonl(path: str | Path) -> dict[int, dict]:
     return steps
 
 
-class Progress:
-    """A progress line (step, rate, ETA) on stdout, at most every ``interval_s`` seconds."""
+def progress_bar(total: int, *, initial: int = 0, desc: str, unit: str, enabled: bool = True, **kwargs):
+    """A tqdm progress bar (rate and ETA) that works in terminals, log files and notebooks.
 
-    def __init__(
-        self, total_steps: int, start_step: int = 0, *, enabled: bool = True, interval_s: float = 20.0
-    ):
-        self.total, self.start, self.enabled, self.interval = total_steps, start_step, enabled, interval_s
-        self._t0 = self._last = time.perf_counter()
-
-    def restart(self, step: int) -> None:
-        """Measure the rate from ``step`` on (e.g. after the compiling first step)."""
-        self.start, self._t0 = step, time.perf_counter()
-
-    def update(self, step: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or step <= self.start or now - self._last < self.interval:
-            return
-        self._last = now
-        rate = (step - self.start) / max(now - self._t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        percent = 100 * step / self.total
-        line = f"[progress] step {step}/{self.total} ({percent:.0f}%), {rate:.2f} steps/s, ETA {_hms(eta)}"
-        print(line, flush=True)
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+    Redrawn at most every 0.5 s in a terminal and every 30 s when stderr is not one (a log file
+    then gets a line per 30 s instead of one per update). ``enabled=False`` gives a silent bar.
+    """
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        mininterval=0.5 if interactive else 30.0,
+        dynamic_ncols=True,
+        **kwargs,
+    )

@@ -262,9 +262,13 @@ def _jit_steps(run: _Run, model, tx, schedule, dropout_key, train_hooks, frozen)
 
     def evaluate(state) -> dict:
         sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in run.dataset.eval_batches(run.eval_batch_size):
-            out = jax.device_get(eval_step(state, parallel.global_batch(batch, run.mesh), *frozen))
-            sums = {k: sums[k] + float(out[k]) for k in sums}
+        batches = -(-run.dataset.num_eval // run.eval_batch_size)
+        enabled = run.main and run.config.progress
+        with metrics.progress_bar(batches, desc="eval", unit="batch", enabled=enabled, leave=False) as bar:
+            for batch in run.dataset.eval_batches(run.eval_batch_size):
+                out = jax.device_get(eval_step(state, parallel.global_batch(batch, run.mesh), *frozen))
+                sums = {k: sums[k] + float(out[k]) for k in sums}
+                bar.update()
         count = max(sums["count"], 1.0)
         return {
             metrics.EVAL_LOSS: sums["loss"] / count,
@@ -353,10 +357,14 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
     start_step = int(jax.device_get(state.step))
     stop_on_failure = config.solver_failure == "stop"
     pending, last_train = _PendingMetrics(checkpointer, run.total_steps, stop_on_failure), {}
-    progress = metrics.Progress(run.total_steps, start_step, enabled=run.main and config.progress)
+    bar = metrics.progress_bar(
+        run.total_steps, initial=start_step, desc="train", unit="step", enabled=run.main and config.progress
+    )
+    if start_step < run.total_steps:
+        run.log("compiling the train step (the first step includes it) ...")
     batches = run.dataset.train_batches(config.batch_size, start_step=start_step)
     t_interval, steps_in_interval = time.perf_counter(), 0
-    with preemption.PreemptionWatch(checkpointer.manager.reached_preemption) as watch:
+    with bar, preemption.PreemptionWatch(checkpointer.manager.reached_preemption) as watch:
         for step in range(start_step, run.total_steps):
             state, (step_metrics, finite) = train_step(state, next(batches))
             pending.add(step, step_metrics, finite)
@@ -366,8 +374,7 @@ def _train_loop(run: _Run, state, train_step, evaluate, checkpointer):
                 jax.block_until_ready(state)
                 writer.write(done, {metrics.COMPILE_TIME: time.perf_counter() - t_interval})
                 t_interval, steps_in_interval = time.perf_counter(), 0
-                progress.restart(done)
-            progress.update(done)
+            bar.update()
             preempted = watch.reached(done)  # save this step and stop (wtjax/job/preemption.py)
             if done % config.log_every_steps == 0 or done == run.total_steps or preempted:
                 averages = pending.flush()

@@ -196,7 +196,7 @@ def execute(
     if limit is not None:
         todo = todo[:limit]
     print(f"sweep: {len(mine)} runs in shard {index}/{count}, {len(todo)} to do", flush=True)
-    done, failed = [], []
+    done, failed, t_sweep = [], [], time.perf_counter()
     for n, run in enumerate(todo, 1):
         workdir = workdir_lock.local_workdir(root) / scale / run.id
         out = result_path(results_dir, scale, run)
@@ -214,11 +214,13 @@ def execute(
                 traceback.print_exc()
                 failed.append(run.id)
                 continue
-        acc = result["summary"].get("eval/accuracy")
-        print(
-            f"[{n}/{len(todo)}] {run.id}: eval accuracy {acc}, {time.perf_counter() - t0:.0f} s", flush=True
-        )
         done.append(run.id)
+        acc, now = result["summary"].get("eval/accuracy"), time.perf_counter()
+        eta = (now - t_sweep) / len(done) * (len(todo) - n)  # each run has its own progress bar
+        print(
+            f"[{n}/{len(todo)}] {run.id}: eval accuracy {acc}, {now - t0:.0f} s; sweep ETA {eta:.0f} s",
+            flush=True,
+        )
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed (tracebacks above; rerun to retry): {failed}")
     return done
