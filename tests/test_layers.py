@@ -1,8 +1,8 @@
 """The package's layering: every import points down (or within its own package), and importing is free.
 
 Layers, bottom to top: ``core``, ``implicit``, ``data`` < ``models`` < ``methods``, ``analysis``
-< ``job`` < ``tools``, ``main``. A module may import from its own package or from a strictly lower
-rank, at any depth (module level or inside a function, ``import a.b`` or ``from a import b``).
+< ``job`` < ``tools``, ``main``, ``configs``. A module may import from its own package or from a
+strictly lower rank, at any depth (module level or inside a function, ``import a.b`` or ``from a import b``).
 ``wtjax/__init__.py`` (the public API) and ``wtjax/_moved.py`` (old flat paths) are exempt.
 """
 
@@ -30,6 +30,7 @@ RANKS = {
     "job": 3,
     "tools": 4,
     "main": 4,
+    "configs": 4,  # the packaged run configs: build on the job
 }
 EXEMPT = {"wtjax", "wtjax._moved"}
 PUBLIC_API = ("wtjax", 0)  # ``from wtjax import Tied``: the top-level package re-exports core only

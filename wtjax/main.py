@@ -1,6 +1,7 @@
 """Command-line entry point, intentionally tiny: everything testable lives in :mod:`wtjax.job.train`.
 
     python -m wtjax.main --config=configs/digits_quickstart.py --workdir=/tmp/wtjax_quickstart
+    wtjax-train --config=digits_quickstart --workdir=/tmp/wtjax_quickstart   # a packaged config, anywhere
     python -m wtjax.main --config=configs/cifar_resnet.py:mask_mode=same,density=0.3 \\
         --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
 
@@ -14,11 +15,13 @@ is refused at once: one line on stderr, status 1. JAX's own flags are accepted a
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from wtjax.job import config as config_schema
 from wtjax.job import parallel, preemption, train, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +52,26 @@ def main(argv):
         raise SystemExit(f"wtjax: {e}") from None  # one line, status 1: nothing ran, nothing to trace
 
 
-if __name__ == "__main__":
+def _with_config_path(argv: list[str]) -> list[str]:
+    """``argv`` with a packaged config's name (``--config=cifar_resnet:width=32``) made its path:
+    config_flags reads the file at the path it is given."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            name, colon, config_arg = arg.removeprefix("--config=").partition(":")
+            try:
+                out[i] = f"--config={config_schema.resolve_config(name)}{colon}{config_arg}"
+            except FileNotFoundError as e:
+                raise SystemExit(f"wtjax: {e}") from None
+    return out
+
+
+def run() -> None:
+    """The command: ``python -m wtjax.main`` or ``wtjax-train`` (the console script)."""
     flags.mark_flags_as_required(["config"])
     jax.config.config_with_absl()  # JAX's own flags too, e.g. --jax_platforms=cpu (as Flax's examples)
-    app.run(main)
+    app.run(main, argv=_with_config_path(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

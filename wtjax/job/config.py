@@ -88,9 +88,33 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(values)
 
 
-def load_config_module(path) -> ModuleType:
-    """The config file at ``path`` as a module (config files are loaded by path, not as a package)."""
+#: The configs shipped in the package (``wtjax/configs``; a path, not an import: configs sit above the job).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config(path: str | Path) -> Path:
+    """``path`` if it names a file, else the packaged config of that name (``cifar_resnet`` or
+    ``cifar_resnet.py``: :data:`PACKAGED_CONFIGS`), so a config is found from any folder.
+
+    Raises:
+      FileNotFoundError: neither exists (the message lists the packaged names).
+    """
     path = Path(path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / path.with_suffix(".py").name
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if p.stem != "__init__")
+    raise FileNotFoundError(
+        f"no config file {str(path)!r}, and no packaged config of that name (packaged: {names})"
+    )
+
+
+def load_config_module(path) -> ModuleType:
+    """The config file at ``path`` (or the packaged config of that name, :func:`resolve_config`) as
+    a module (config files are loaded by path, not as a package)."""
+    path = resolve_config(path)
     spec = importlib.util.spec_from_file_location(f"_wtjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -98,7 +122,8 @@ def load_config_module(path) -> ModuleType:
 
 
 def load_config_file(path, arg: str | None = None) -> config_dict.ConfigDict:
-    """``get_config(arg)`` of the config file at ``path`` (e.g. ``configs/cifar_resnet.py``)."""
+    """``get_config(arg)`` of the config file at ``path`` (e.g. ``configs/cifar_resnet.py``, or the
+    packaged name ``cifar_resnet``)."""
     return load_config_module(path).get_config(arg or None)
 
 
