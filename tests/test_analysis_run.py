@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,13 @@ def test_analysis_on_a_trained_checkpoint(tmp_path):
         results = analyse.analyse([tmp_path / "multi"], tmp_path / "out", num_examples=40, cka_batch=0)
     res = results["multi"]
     assert res["layers"] == ["stem", "1", "2", "pool"] and res["examples"] == 40
+    # A damaged newest checkpoint is skipped (named on stdout) for the newest one that verifies.
+    damaged = shutil.copytree(tmp_path / "multi", tmp_path / "damaged")
+    data = max(
+        (damaged / "checkpoints" / "4").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0
+    )
+    data.write_bytes(data.read_bytes()[:-8] + b"garbage!")
+    assert analyse.load_run(damaged)[-1] == 2
     cka = np.asarray(res["cka"])
     np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
     np.testing.assert_allclose(cka, cka.T)

@@ -50,12 +50,23 @@ def load_run(workdir: str | Path):
     dataset = input_pipeline.create_dataset(config.data, seed=config.seed)
     model = config_schema.model_from_config(config.model, dataset.num_classes)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    step = _newest_sound_step(manager.all_steps(), workdir / "checkpoints")
     state = manager.restore(step, args=ocp.args.StandardRestore())
     variables = pruning.model_variables(state["params"], state.get("masks"))
     return config, model, variables, dataset, step
+
+
+def _newest_sound_step(steps, directory: Path) -> int:
+    """The newest checkpoint that verifies (or predates checksums, :mod:`wtjax.job.checksums`);
+    a damaged one is named and skipped, as the training job does on resume."""
+    from wtjax.job import checksums
+
+    for step in sorted(steps, reverse=True):
+        problem = checksums.verify(directory / str(step))
+        if problem in (None, checksums.NO_MANIFEST):
+            return step
+        print(f"analyse: skipping checkpoint {directory / str(step)}: {problem}", flush=True)
+    raise FileNotFoundError(f"no usable checkpoint in {directory}")
 
 
 def layer_features(
