@@ -100,6 +100,12 @@ def _describe(diff: dict, limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def _split(diff: dict) -> tuple[dict, dict]:
+    """``(changes of the run's meaning, harmless changes)`` of ``diff``."""
+    meaningful = {p: v for p, v in diff.items() if not _harmless(p)}
+    return meaningful, {p: v for p, v in diff.items() if p not in meaningful}
+
+
 def _resuming(workdir: Path) -> bool:
     """Whether ``workdir`` holds a complete checkpoint to resume from."""
     checkpoints = workdir / "checkpoints"
@@ -125,7 +131,7 @@ def check(config, workdir: str | Path, log: Callable[[str], None] = print) -> di
         log(f"resuming without a readable {CONFIG_FILE} to compare the config with ({type(e).__name__})")
         return {}
     diff = changes(stored, config_dict(config))
-    meaningful = {p: v for p, v in diff.items() if not _harmless(p)}
+    meaningful, _ = _split(diff)
     if meaningful and not config.resume_despite_changes:
         raise ValueError(
             f"resuming {workdir} with a config that changes the run: {_describe(meaningful)}; rerun with "
@@ -140,15 +146,14 @@ def record(config, workdir: str | Path, diff: dict[str, tuple], log: Callable[[s
     (process 0)."""
     workdir = Path(workdir)
     if diff:
+        meaningful, harmless = _split(diff)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "changes": {p: {"stored": a, "new": b} for p, (a, b) in diff.items()},
-            "changes_the_run": sorted(p for p in diff if not _harmless(p)),
+            "changes_the_run": sorted(meaningful),
         }
         with open(workdir / HISTORY_FILE, "a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
-        meaningful = {p: v for p, v in diff.items() if not _harmless(p)}
-        harmless = {p: v for p, v in diff.items() if _harmless(p)}
         if meaningful:
             log(f"resuming DESPITE changes to the run (resume_despite_changes=True): {_describe(meaningful)}")
         if harmless:
