@@ -10,6 +10,10 @@ id and is trained once.
   average-pooled to 16x16, trained on a fixed 10,000 of the 45,000 non-holdout images for
   2 epochs at batch 64 (312 steps), evaluated on the whole 5,000-image holdout (the last 5,000 training
   images after the fixed seed-0 shuffle; never the CIFAR-10 test split). Base width 16.
+* ``cpu32``: a CPU scale that can resolve the central claim: full 32x32 resolution, all 45,000
+  non-holdout training images, batch 128, base width 32, 6 epochs, evaluated on the same 5,000-image
+  holdout once per epoch. About half an hour per ResNet-like run at K = 4 on an idle 2-core machine;
+  only ``experiments/central_claim_32px`` uses it, as a sweep resumed across sessions.
 * ``paper``: the paper's recipe: tfds ``cifar10`` at 32x32, all 50,000 training images, the
   official test split, batch 128, 150 epochs (50 for DEQs, the paper's Appendix C), base width 64.
 """
@@ -39,6 +43,20 @@ SCALES = {
             "data.holdout": 5000,
             "data.train_subset": 10_000,
             "data.downsample": 2,
+        },
+    ),
+    "cpu32": dict(
+        base_width=32,
+        epochs=6.0,
+        deq_epochs=6.0,
+        train_images=45_000,
+        overrides={
+            **JOB,
+            "batch_size": 128,
+            "eval_every_steps": 352,  # about once per epoch (45,000 / 128 = 351.6 steps)
+            "checkpoint_every_steps": 176,
+            "data.data_dir": CIFAR_DIR,
+            "data.holdout": 5000,
         },
     ),
     "paper": dict(
