@@ -141,6 +141,36 @@ def verdict_table(comparisons: Iterable[Comparison], digits: int = 2) -> str:
     )
 
 
+def claim(text: str, comparison: Comparison, setting: str, digits: int = 2) -> dict:
+    """A row of the claim table (``wtjax.tools.sweep.CLAIM_COLUMNS``): the paper's claim, its
+    number, ours (mean difference, 95% interval, seeds and ``setting``) and the verdict; a
+    comparison without results yet says it is running and has no verdict."""
+    c = comparison
+    if c.n == 0:
+        return {
+            "claim": text,
+            "paper": c.paper,
+            "ours": f"running: no results yet ({setting})",
+            "verdict": "—",
+        }
+    ci = c.ci
+    interval = f", 95% CI [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ", no interval"
+    ours = f"{c.mean:+.{digits}f} {c.unit}{interval}; {c.n} seed{'s' * (c.n > 1)}, {setting}"
+    return {"claim": text, "paper": c.paper, "ours": ours, "verdict": c.verdict}
+
+
+def seed_means(comparisons: Sequence[Comparison], name: str, paper_direction: int, **kw) -> Comparison:
+    """One comparison whose per-seed difference is the mean of each seed's differences over
+    ``comparisons`` (e.g. the multi- minus same-mask gain averaged over every depth and density):
+    the seeds stay the unit of replication. Seeds missing from any comparison are left out."""
+    common = set.intersection(*(set(c.seeds) for c in comparisons)) if comparisons else set()
+    seeds = sorted(common)
+    diffs = [
+        statistics.fmean(dict(zip(c.seeds, c.diffs, strict=True))[s] for c in comparisons) for s in seeds
+    ]
+    return Comparison(name, paper_direction, tuple(diffs), tuple(seeds), **kw)
+
+
 VERDICT_NOTE = (
     "Verdicts: per-seed paired differences a - b, their mean and 95% paired t interval (n - 1 degrees "
     "of freedom); `reproduced` when the interval excludes 0 in the paper's direction, `contradicted` "
