@@ -110,7 +110,8 @@ def claims(results, scale):
     ]
 
 
-def aggregate(results, out_dir, scale):
+def _plot(results, path) -> None:
+    """The three panels of Figure 5."""
     tied = [r for r in results if r["tags"]["form"] == "tied"]
     labels = {"same": "same-mask", "multi": "multi-mask", "dropout": "dropout", "dense": "dense"}
     colors = {"multi": "C0", "same": "C1", "dropout": "C2"}
@@ -149,8 +150,11 @@ def aggregate(results, out_dir, scale):
     c.set_title("(c) every (depth, density), seed mean", fontsize=10)
     c.grid(alpha=0.3)
     c.legend(fontsize=8)
-    save(fig, out_dir / "fig5.png")
+    save(fig, path)
 
+
+def aggregate(results, out_dir, scale):
+    _plot(results, out_dir / "fig5.png")
     rows = []
     for (form, mode, depth, density), rs in sorted(
         group(results, "form", "mode", "depth", "density").items(), key=str
