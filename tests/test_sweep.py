@@ -238,7 +238,7 @@ from experiments.report import Comparison, claim
 from wtjax.tools.sweep import Run
 SCALE_ALIASES = {"cpu": "cpu32"}
 def runs(scale):
-    assert scale == "cpu32", scale
+    assert scale in ("cpu32", "paper"), scale
     return [Run(f"r{m}_s{s}", "c.py", "", {}, {"seed": s, "m": m}) for s in (0, 1, 2) for m in "ab"]
 def aggregate(results, out_dir, scale):
     (out_dir / "results.md").write_text(f"{len(results)} results at {scale}\\n")
@@ -291,6 +291,13 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
     row = next(line for line in readme.read_text().splitlines() if line.startswith("| a beats b"))
     assert "+10.00 pts, 95% CI [+7.52, +12.48]; 3 seeds, cpu32 | reproduced |" in row  # 10 ± 4.303 / sqrt(3)
     assert "claims of 2 studies" in capsys.readouterr().out
+    # Another scale leaves the committed table alone and writes its own claims file.
+    before = readme.read_text()
+    sweep.main(["aggregate", "--all", "--scale=paper", f"--studies_dir={root}", f"--results={results}"])
+    paper = (root / "paper" / "claims.md").read_text()
+    assert readme.read_text() == before and paper.startswith("# Claims at scale paper (generated)")
+    assert "| a beats b \\| really | +1 | running: no results yet (paper) | — |" in paper
+    assert (root / "a_claims" / "paper" / "results.md").exists()
 
 
 def test_a_readme_without_the_markers_or_a_malformed_claim_is_refused(tmp_path):

@@ -94,9 +94,8 @@ def claims(results, scale):
     """The claim-table rows at the base width: equal FLOPs, and equal epochs under both optimisers."""
     w = sc.width(scale, 1.0)
     rows = []
-    for c in comparisons(results, scale):
-        if f"width {w}," not in c.name:
-            continue
+    base_width = [c for c in comparisons(results, scale) if f"width {w}," in c.name]
+    for c in sorted(base_width, key=lambda c: "equal FLOPs" not in c.name):  # equal FLOPs first
         if "equal FLOPs" in c.name:
             text = "Sparse multi-mask beats dense weight tying at equal training FLOPs (Fig. 7a)"
         else:

@@ -24,8 +24,9 @@ root, which also makes the ``experiments`` package they import importable)::
 
 ``aggregate --all`` aggregates every ``<--studies_dir>/*/study.py`` (default ``./experiments``), then
 writes the studies' claim rows as one table between the markers :data:`CLAIMS_BEGIN` and
-:data:`CLAIMS_END` of the README named by ``--claims`` (default ``<studies_dir>/README.md``); the
-rest of that README is left alone. A study without ``claims()`` or without finished runs still
+:data:`CLAIMS_END` of the README named by ``--claims`` (default: ``<studies_dir>/README.md`` at the
+cpu scale, ``<studies_dir>/<scale>/claims.md`` at any other); the rest of that README is left
+alone. A study without ``claims()``, without finished runs or without runs at the scale still
 gets a row, saying so.
 
 Each run trains in its own workdir ``<root>/<scale>/<id>`` (``--root``, default ``./runs/studies``)
@@ -366,6 +367,19 @@ def aggregate_studies(study_dirs: Sequence[str | Path], scale: str, results_dir:
     return failed
 
 
+def _default_claims(studies_dir: str | Path, scale: str) -> Path:
+    """Where ``aggregate --all`` writes the claim table: the studies' README at the cpu scale (the
+    committed table), else ``<studies_dir>/<scale>/claims.md`` (created with the markers), as
+    the tables of other scales go to ``<study>/<scale>``."""
+    if scale == "cpu":
+        return Path(studies_dir) / "README.md"
+    path = Path(studies_dir) / scale / "claims.md"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# Claims at scale {scale} (generated)\n\n{CLAIMS_BEGIN}\n{CLAIMS_END}\n")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m wtjax.tools.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("list", "run", "aggregate"))
@@ -403,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     else:
         failed = aggregate_studies(studies, args.scale, args.results)
-        readme = args.claims or (Path(args.studies_dir) / "README.md" if args.all else None)
+        readme = args.claims or (_default_claims(args.studies_dir, args.scale) if args.all else None)
         if readme is not None:
             text = replace_claims(readme, claims_table(studies, args.scale, args.results, readme))
             Path(readme).write_text(text)
