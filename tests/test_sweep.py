@@ -248,6 +248,13 @@ def claims(results, scale):
     return [claim("a beats b | really", Comparison.paired("a - b", a, b, +1, paper="+1"), scale)]
 """
 
+STUDY_WITHOUT_THE_SCALE = """
+def runs(scale):
+    raise KeyError(f"unknown scale {scale!r}")
+def aggregate(results, out_dir, scale):
+    raise AssertionError("not called")
+"""
+
 STUDY_WITHOUT_CLAIMS = '''
 """A study not run at this scale.
 
@@ -261,7 +268,12 @@ def aggregate(results, out_dir, scale):
 
 def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path, capsys):
     root = tmp_path / "studies"
-    for name, body in (("a_claims", STUDY_WITH_CLAIMS), ("b_none", STUDY_WITHOUT_CLAIMS)):
+    studies = (
+        ("a_claims", STUDY_WITH_CLAIMS),
+        ("b_none", STUDY_WITHOUT_CLAIMS),
+        ("c_other", STUDY_WITHOUT_THE_SCALE),
+    )
+    for name, body in studies:
         (root / name).mkdir(parents=True)
         (root / name / "study.py").write_text(body)
     readme = root / "README.md"
@@ -279,6 +291,7 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
         "| A study not run at this scale. |  | no runs at scale 'cpu' | (no claims) | [b_none](b_none/) |"
         in text
     )
+    assert "| c_other |  | no scale 'cpu' | — | [c_other](c_other/) |" in text
     assert (root / "a_claims" / "results.md").read_text() == "0 results at cpu32\n"
     # Results of the study's own scale arrive: a verdict from the paired differences.
     for seed, (a, b) in enumerate(((0.6, 0.5), (0.71, 0.6), (0.69, 0.6))):
@@ -290,14 +303,14 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
     sweep.main(["aggregate", "--all", f"--studies_dir={root}", f"--results={results}"])
     row = next(line for line in readme.read_text().splitlines() if line.startswith("| a beats b"))
     assert "+10.00 pts, 95% CI [+7.52, +12.48]; 3 seeds, cpu32 | reproduced |" in row  # 10 ± 4.303 / sqrt(3)
-    assert "claims of 2 studies" in capsys.readouterr().out
+    assert "claims of 3 studies" in capsys.readouterr().out
     # Another scale leaves the committed table alone and writes its own claims file.
     before = readme.read_text()
     sweep.main(["aggregate", "--all", "--scale=paper", f"--studies_dir={root}", f"--results={results}"])
     paper = (root / "paper" / "claims.md").read_text()
     assert readme.read_text() == before and paper.startswith("# Claims at scale paper (generated)")
     assert "| a beats b \\| really | +1 | running: no results yet (paper) | — |" in paper
-    assert (root / "a_claims" / "paper" / "results.md").exists()
+    assert (root / "a_claims" / "paper" / "results.md").exists() and not (root / "c_other" / "paper").exists()
 
 
 def test_a_readme_without_the_markers_or_a_malformed_claim_is_refused(tmp_path):

@@ -294,21 +294,36 @@ def study_scale(study, scale: str) -> str:
     return getattr(study, "SCALE_ALIASES", {}).get(scale, scale)
 
 
-def _study_results(study, scale: str, results_dir: str | Path) -> tuple[list[dict], int]:
-    """The finished results of ``study`` at ``scale`` (through its aliases) and its run count."""
+def _study_results(study, scale: str, results_dir: str | Path) -> tuple[list[dict], int] | None:
+    """The finished results of ``study`` at ``scale`` (through its aliases) and its run count;
+    ``None`` when the study has no such scale (its ``runs`` raises ``KeyError``, as
+    ``experiments.scale.scale`` does for an unknown name)."""
     own = study_scale(study, scale)
-    runs = study.runs(own)
+    try:
+        runs = study.runs(own)
+    except KeyError as e:
+        print(f"aggregate: {study.__name__} has no scale {own!r} ({e})", flush=True)
+        return None
     return load_results(runs, own, results_dir), len(runs)
+
+
+def _title(study, study_dir) -> str:
+    """The first paragraph of the study's docstring, on one line (its folder name without one)."""
+    return " ".join((study.__doc__ or Path(study_dir).name).strip().split("\n\n")[0].split())
 
 
 def claim_rows(study_dir: str | Path, scale: str, results_dir: str | Path) -> list[dict]:
     """The claim rows of one study: its ``claims(results, scale)``, or one row saying why none."""
     study = load_study(study_dir)
-    results, total = _study_results(study, scale, results_dir)
+    found = _study_results(study, scale, results_dir)
+    if found is None:
+        return [
+            {"claim": _title(study, study_dir), "paper": "", "ours": f"no scale {scale!r}", "verdict": "—"}
+        ]
+    results, total = found
     if not hasattr(study, "claims"):
-        title = " ".join((study.__doc__ or Path(study_dir).name).strip().split("\n\n")[0].split())
         ours = f"{len(results)} of {total} runs finished" if total else f"no runs at scale {scale!r}"
-        return [{"claim": title, "paper": "", "ours": ours, "verdict": "(no claims)"}]
+        return [{"claim": _title(study, study_dir), "paper": "", "ours": ours, "verdict": "(no claims)"}]
     rows = study.claims(results, study_scale(study, scale))
     for row in rows:
         if set(row) != set(CLAIM_COLUMNS):
@@ -355,10 +370,12 @@ def aggregate_studies(study_dirs: Sequence[str | Path], scale: str, results_dir:
     for d in study_dirs:
         study = load_study(d)
         out = Path(d) if scale == "cpu" else Path(d) / scale
-        out.mkdir(parents=True, exist_ok=True)
         try:
-            results, _ = _study_results(study, scale, results_dir)
-            study.aggregate(results, out, study_scale(study, scale))
+            found = _study_results(study, scale, results_dir)
+            if found is None:
+                continue  # no such scale: nothing to aggregate
+            out.mkdir(parents=True, exist_ok=True)
+            study.aggregate(found[0], out, study_scale(study, scale))
         except Exception:  # one broken study must not keep the others' tables stale
             traceback.print_exc()
             failed.append(str(d))
