@@ -408,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--claims",
         default=None,
-        help="aggregate: the README whose claim block is rewritten "
-        "(default with --all: <studies_dir>/README.md)",
+        help="aggregate: the README whose claim block is rewritten (default with --all: "
+        "<studies_dir>/README.md at the cpu scale, <studies_dir>/<scale>/claims.md at another)",
     )
     ap.add_argument("--scale", default="cpu", help="the studies' setting: cpu (default) or paper")
     ap.add_argument("--root", default=CLI_ROOT, help=f"parent of the run workdirs (default ./{CLI_ROOT})")
