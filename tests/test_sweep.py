@@ -236,7 +236,7 @@ def test_the_committed_claim_table_is_what_aggregate_all_writes():
 STUDY_WITH_CLAIMS = """
 from experiments.report import Comparison, claim
 from wtjax.tools.sweep import Run
-SCALE_ALIASES = {"cpu": "cpu32"}
+COMMITTED_SCALE = "cpu32"
 def runs(scale):
     assert scale in ("cpu32", "paper"), scale
     return [Run(f"r{m}_s{s}", "c.py", "", {}, {"seed": s, "m": m}) for s in (0, 1, 2) for m in "ab"]
@@ -253,6 +253,16 @@ def runs(scale):
     raise KeyError(f"unknown scale {scale!r}")
 def aggregate(results, out_dir, scale):
     raise AssertionError("not called")
+"""
+
+STUDY_AT_THE_PAPER_SCALE_ONLY = """
+SCALES = ("paper",)
+def runs(scale):
+    assert scale == "paper", "not called at another scale"
+    return []
+def aggregate(results, out_dir, scale):
+    assert scale == "paper", "not called at another scale"
+    (out_dir / "results.md").write_text("none yet\\n")
 """
 
 STUDY_WITHOUT_CLAIMS = '''
@@ -272,6 +282,7 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
         ("a_claims", STUDY_WITH_CLAIMS),
         ("b_none", STUDY_WITHOUT_CLAIMS),
         ("c_other", STUDY_WITHOUT_THE_SCALE),
+        ("d_paper", STUDY_AT_THE_PAPER_SCALE_ONLY),
     )
     for name, body in studies:
         (root / name).mkdir(parents=True)
@@ -292,7 +303,9 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
         in text
     )
     assert "| c_other |  | no scale 'cpu' | — | [c_other](c_other/) |" in text
-    assert (root / "a_claims" / "results.md").read_text() == "0 results at cpu32\n"
+    assert "| d_paper |  | no scale 'cpu' | — | [d_paper](d_paper/) |" in text
+    # The committed tables of a study at a scale of its own go where `aggregate` puts that scale's.
+    assert (root / "a_claims" / "cpu32" / "results.md").read_text() == "0 results at cpu32\n"
     # Results of the study's own scale arrive: a verdict from the paired differences.
     for seed, (a, b) in enumerate(((0.6, 0.5), (0.71, 0.6), (0.69, 0.6))):
         for m, acc in (("a", a), ("b", b)):
@@ -303,7 +316,7 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
     sweep.main(["aggregate", "--all", f"--studies_dir={root}", f"--results={results}"])
     row = next(line for line in readme.read_text().splitlines() if line.startswith("| a beats b"))
     assert "+10.00 pts, 95% CI [+7.52, +12.48]; 3 seeds, cpu32 | reproduced |" in row  # 10 ± 4.303 / sqrt(3)
-    assert "claims of 3 studies" in capsys.readouterr().out
+    assert "claims of 4 studies" in capsys.readouterr().out
     # Another scale leaves the committed table alone and writes its own claims file.
     before = readme.read_text()
     sweep.main(["aggregate", "--all", "--scale=paper", f"--studies_dir={root}", f"--results={results}"])
@@ -311,6 +324,9 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
     assert readme.read_text() == before and paper.startswith("# Claims at scale paper (generated)")
     assert "| a beats b \\| really | +1 | running: no results yet (paper) | — |" in paper
     assert (root / "a_claims" / "paper" / "results.md").exists() and not (root / "c_other" / "paper").exists()
+    assert (root / "d_paper" / "paper" / "results.md").exists() and not (
+        root / "d_paper" / "results.md"
+    ).exists()
 
 
 def test_a_readme_without_the_markers_or_a_malformed_claim_is_refused(tmp_path):
