@@ -54,6 +54,7 @@ SCALES = {
 # One line per scale for the claim table (experiments/README.md): what a number of that scale means.
 SETTINGS = {
     "cpu": "cpu scale (16x16 px, 10k images, 2 epochs, width 16)",
+    "cpu32": "cpu32 scale (32x32 px, 45k images, 6 epochs, width 32)",  # central_claim_32px
     "paper": "paper scale",
 }
 
