@@ -7,12 +7,15 @@ pyplot, so aggregating never switches the caller's matplotlib backend.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from scipy import stats
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -41,6 +44,138 @@ def paired_gain(a: Iterable[dict], b: Iterable[dict]) -> list[float]:
     """Accuracy of ``a`` minus ``b``, paired by seed (seeds present in both only)."""
     by_seed = {r["tags"]["seed"]: accuracy(r) for r in b}
     return [accuracy(r) - by_seed[r["tags"]["seed"]] for r in a if r["tags"]["seed"] in by_seed]
+
+
+VERDICTS = ("reproduced", "contradicted", "inconclusive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A paper claim tested by per-seed paired differences ``a - b``, and its verdict.
+
+    The rule (``experiments/README.md``, "Verdicts"): the 95% interval of the mean difference is
+    the paired t interval, ``mean ± t(0.975, n - 1) * sd / sqrt(n)`` (sample sd, n - 1 degrees of
+    freedom; the seeds are the pairs). The verdict is ``reproduced`` when the interval excludes 0
+    on the side of ``paper_direction`` (+1: the paper has ``a > b``; -1: ``a < b``),
+    ``contradicted`` when it excludes 0 on the other side, and ``inconclusive`` otherwise,
+    including when there is no interval (fewer than 2 seeds).
+
+    Attributes:
+      name: what is compared, e.g. ``"multi-mask - same-mask, K = 8"``.
+      paper_direction: +1 or -1, the sign of ``a - b`` the paper reports.
+      diffs: the per-seed differences ``a - b``, in the order of ``seeds``.
+      seeds: the seed of each difference.
+      paper: the paper's number for the claim, as text (e.g. ``"+2.32 (84.07 vs 81.75)"``).
+      unit: the unit of the differences, for tables (``"pts"``: accuracy points).
+    """
+
+    name: str
+    paper_direction: int
+    diffs: tuple[float, ...]
+    seeds: tuple = ()
+    paper: str = ""
+    unit: str = "pts"
+
+    def __post_init__(self):
+        if self.paper_direction not in (1, -1):
+            raise ValueError(f"{self.name}: paper_direction must be +1 or -1, got {self.paper_direction!r}")
+        if self.seeds and len(self.seeds) != len(self.diffs):
+            raise ValueError(f"{self.name}: {len(self.diffs)} differences but {len(self.seeds)} seeds")
+        object.__setattr__(self, "diffs", tuple(float(d) for d in self.diffs))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    @classmethod
+    def paired(cls, name, a, b, paper_direction, value=None, **kw) -> Comparison:
+        """``value(a) - value(b)`` for the seeds present in both result lists (``value``: final
+        accuracy in % by default), ordered by seed."""
+        value = value or accuracy
+        by_seed = {r["tags"]["seed"]: value(r) for r in b}
+        pairs = sorted(
+            (r["tags"]["seed"], value(r) - by_seed[r["tags"]["seed"]])
+            for r in a
+            if r["tags"]["seed"] in by_seed
+        )
+        return cls(name, paper_direction, tuple(d for _, d in pairs), tuple(s for s, _ in pairs), **kw)
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs) if self.diffs else math.nan
+
+    @property
+    def ci(self) -> tuple[float, float] | None:
+        """The 95% paired t interval of the mean difference; ``None`` below 2 seeds."""
+        if self.n < 2:
+            return None
+        half = stats.t.ppf(0.975, self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def verdict(self) -> str:
+        ci = self.ci
+        if ci is None or ci[0] <= 0.0 <= ci[1]:
+            return "inconclusive"
+        return "reproduced" if (ci[0] > 0) == (self.paper_direction > 0) else "contradicted"
+
+    def cells(self, digits: int = 2) -> tuple[str, str, str, str]:
+        """Table cells: per-seed differences, mean, 95% interval, verdict."""
+        per_seed = " / ".join(f"{d:+.{digits}f}" for d in self.diffs) or "no seeds"
+        ci = self.ci
+        interval = "" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+        mean = "" if not self.diffs else f"{self.mean:+.{digits}f}"
+        return per_seed, mean, interval, self.verdict
+
+
+def verdict_table(comparisons: Iterable[Comparison], digits: int = 2) -> str:
+    """The markdown table of ``comparisons``: the paper's number, per-seed differences, their mean,
+    the 95% paired t interval and the verdict (see :class:`Comparison`)."""
+    rows = []
+    for c in comparisons:
+        seeds = ", ".join(str(s) for s in c.seeds) if c.seeds else ""
+        rows.append((c.name, c.paper, f"{seeds}" if seeds else "", *c.cells(digits)))
+    return markdown_table(
+        ("comparison (a - b)", "paper", "seeds", "per seed", "mean", "95% CI (paired t)", "verdict"), rows
+    )
+
+
+def claim(text: str, comparison: Comparison, setting: str, digits: int = 2) -> dict:
+    """A row of the claim table (``wtjax.tools.sweep.CLAIM_COLUMNS``): the paper's claim, its
+    number, ours (mean difference, 95% interval, seeds and ``setting``) and the verdict; a
+    comparison without results yet says it is running and has no verdict."""
+    c = comparison
+    if c.n == 0:
+        return {
+            "claim": text,
+            "paper": c.paper,
+            "ours": f"running: no results yet ({setting})",
+            "verdict": "—",
+        }
+    ci = c.ci
+    interval = f", 95% CI [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ", no interval"
+    ours = f"{c.mean:+.{digits}f} {c.unit}{interval}; {c.n} seed{'s' * (c.n > 1)}, {setting}"
+    return {"claim": text, "paper": c.paper, "ours": ours, "verdict": c.verdict}
+
+
+def seed_means(comparisons: Sequence[Comparison], name: str, paper_direction: int, **kw) -> Comparison:
+    """One comparison whose per-seed difference is the mean of each seed's differences over
+    ``comparisons`` (e.g. the multi- minus same-mask gain averaged over every depth and density):
+    the seeds stay the unit of replication. Seeds missing from any comparison are left out."""
+    common = set.intersection(*(set(c.seeds) for c in comparisons)) if comparisons else set()
+    seeds = sorted(common)
+    diffs = [
+        statistics.fmean(dict(zip(c.seeds, c.diffs, strict=True))[s] for c in comparisons) for s in seeds
+    ]
+    return Comparison(name, paper_direction, tuple(diffs), tuple(seeds), **kw)
+
+
+VERDICT_NOTE = (
+    "Verdicts: per-seed paired differences a - b, their mean and 95% paired t interval (n - 1 degrees "
+    "of freedom); `reproduced` when the interval excludes 0 in the paper's direction, `contradicted` "
+    "when it excludes 0 the other way, else `inconclusive` (see experiments/README.md)."
+)
 
 
 def fmt(values: Sequence[float], digits: int = 1) -> str:

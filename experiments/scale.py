@@ -69,6 +69,19 @@ SCALES = {
 }
 
 
+# One line per scale for the claim table (experiments/README.md): what a number of that scale means.
+SETTINGS = {
+    "cpu": "cpu scale (16x16 px, 10k images, 2 epochs, width 16)",
+    "cpu32": "cpu32 scale (32x32 px, 45k images, 6 epochs, width 32)",  # central_claim_32px
+    "paper": "paper scale",
+}
+
+
+def setting(name: str) -> str:
+    """The one-line description of scale ``name`` (its name when it has none)."""
+    return SETTINGS.get(name, f"scale {name}")
+
+
 def scale(name: str) -> dict:
     if name not in SCALES:
         raise KeyError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")

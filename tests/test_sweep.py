@@ -229,3 +229,126 @@ def test_the_command_lists_a_study_from_the_repository_root(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines and all(line.startswith("done  python -m wtjax.main --config=configs/") for line in lines)
     assert all("--workdir=runs/studies/cpu/" in line for line in lines)
+
+
+def test_the_committed_claim_table_is_what_aggregate_all_writes():
+    """experiments/README.md opens with the claim table of every study, from the committed results."""
+    readme = ROOT / "experiments" / "README.md"
+    studies = sweep.all_studies(ROOT / "experiments")
+    assert studies == STUDIES
+    text = readme.read_text()
+    expected = sweep.replace_claims(readme, sweep.claims_table(studies, "cpu", RESULTS, readme))
+    assert text == expected, "rerun python -m wtjax.tools.sweep aggregate --all"
+    table = text.split(sweep.CLAIMS_BEGIN)[1].split(sweep.CLAIMS_END)[0]
+    verdicts = re.findall(r"\| (reproduced|contradicted|inconclusive) \| \[", table)
+    assert len(verdicts) >= 10  # every comparison study contributes rows with a verdict
+
+
+STUDY_WITH_CLAIMS = """
+from experiments.report import Comparison, claim
+from wtjax.tools.sweep import Run
+COMMITTED_SCALE = "cpu32"
+def runs(scale):
+    assert scale in ("cpu32", "paper"), scale
+    return [Run(f"r{m}_s{s}", "c.py", "", {}, {"seed": s, "m": m}) for s in (0, 1, 2) for m in "ab"]
+def aggregate(results, out_dir, scale):
+    (out_dir / "results.md").write_text(f"{len(results)} results at {scale}\\n")
+def claims(results, scale):
+    a = [r for r in results if r["tags"]["m"] == "a"]
+    b = [r for r in results if r["tags"]["m"] == "b"]
+    return [claim("a beats b | really", Comparison.paired("a - b", a, b, +1, paper="+1"), scale)]
+"""
+
+STUDY_WITHOUT_THE_SCALE = """
+def runs(scale):
+    raise KeyError(f"unknown scale {scale!r}")
+def aggregate(results, out_dir, scale):
+    raise AssertionError("not called")
+"""
+
+STUDY_AT_THE_PAPER_SCALE_ONLY = """
+SCALES = ("paper",)
+def runs(scale):
+    assert scale == "paper", "not called at another scale"
+    return []
+def aggregate(results, out_dir, scale):
+    assert scale == "paper", "not called at another scale"
+    (out_dir / "results.md").write_text("none yet\\n")
+"""
+
+STUDY_WITHOUT_CLAIMS = '''
+"""A study not run at this scale.
+
+More text."""
+def runs(scale):
+    return []
+def aggregate(results, out_dir, scale):
+    (out_dir / "results.md").write_text("none\\n")
+'''
+
+
+def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path, capsys):
+    root = tmp_path / "studies"
+    studies = (
+        ("a_claims", STUDY_WITH_CLAIMS),
+        ("b_none", STUDY_WITHOUT_CLAIMS),
+        ("c_other", STUDY_WITHOUT_THE_SCALE),
+        ("d_paper", STUDY_AT_THE_PAPER_SCALE_ONLY),
+    )
+    for name, body in studies:
+        (root / name).mkdir(parents=True)
+        (root / name / "study.py").write_text(body)
+    readme = root / "README.md"
+    readme.write_text(f"# Title\n\n{sweep.CLAIMS_BEGIN}\nold table\n{sweep.CLAIMS_END}\n\nkept text\n")
+    results = tmp_path / "results"
+    # No results yet: the claim has no verdict and says it is running.
+    sweep.main(["aggregate", "--all", f"--studies_dir={root}", f"--results={results}"])
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\n{sweep.CLAIMS_BEGIN}\n| claim | paper | ours | verdict | study |")
+    assert text.endswith(f"{sweep.CLAIMS_END}\n\nkept text\n") and "old table" not in text
+    assert (
+        "| a beats b \\| really | +1 | running: no results yet (cpu32) | — | [a_claims](a_claims/) |" in text
+    )
+    assert (
+        "| A study not run at this scale. |  | no runs at scale 'cpu' | (no claims) | [b_none](b_none/) |"
+        in text
+    )
+    assert "| c_other |  | no scale 'cpu' | — | [c_other](c_other/) |" in text
+    assert "| d_paper |  | no scale 'cpu' | — | [d_paper](d_paper/) |" in text
+    # The committed tables of a study at a scale of its own go where `aggregate` puts that scale's.
+    assert (root / "a_claims" / "cpu32" / "results.md").read_text() == "0 results at cpu32\n"
+    # Results of the study's own scale arrive: a verdict from the paired differences.
+    for seed, (a, b) in enumerate(((0.6, 0.5), (0.71, 0.6), (0.69, 0.6))):
+        for m, acc in (("a", a), ("b", b)):
+            (results / "cpu32").mkdir(parents=True, exist_ok=True)
+            (results / "cpu32" / f"r{m}_s{seed}.json").write_text(
+                json.dumps({"summary": {"eval/accuracy": acc}})
+            )
+    sweep.main(["aggregate", "--all", f"--studies_dir={root}", f"--results={results}"])
+    row = next(line for line in readme.read_text().splitlines() if line.startswith("| a beats b"))
+    assert "+10.00 pts, 95% CI [+7.52, +12.48]; 3 seeds, cpu32 | reproduced |" in row  # 10 ± 4.303 / sqrt(3)
+    assert "claims of 4 studies" in capsys.readouterr().out
+    # Another scale leaves the committed table alone and writes its own claims file.
+    before = readme.read_text()
+    sweep.main(["aggregate", "--all", "--scale=paper", f"--studies_dir={root}", f"--results={results}"])
+    paper = (root / "paper" / "claims.md").read_text()
+    assert readme.read_text() == before and paper.startswith("# Claims at scale paper (generated)")
+    assert "| a beats b \\| really | +1 | running: no results yet (paper) | — |" in paper
+    assert (root / "a_claims" / "paper" / "results.md").exists() and not (root / "c_other" / "paper").exists()
+    assert (root / "d_paper" / "paper" / "results.md").exists() and not (
+        root / "d_paper" / "results.md"
+    ).exists()
+
+
+def test_a_readme_without_the_markers_or_a_malformed_claim_is_refused(tmp_path):
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(ValueError, match="no claim block"):
+        sweep.replace_claims(tmp_path / "README.md", "| table |\n")
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "study.py").write_text(
+        "def runs(scale):\n    return []\ndef aggregate(results, out_dir, scale):\n    pass\n"
+        "def claims(results, scale):\n    return [{'claim': 'x', 'paper': '', 'ours': ''}]\n"
+    )
+    with pytest.raises(ValueError, match="needs exactly the keys"):
+        sweep.claim_rows(d, "cpu", tmp_path / "results")

@@ -16,7 +16,19 @@ side by side on a quiet machine in ``step_times.md`` (``experiments/benchmarks/b
 from __future__ import annotations
 
 from experiments import scale as sc
-from experiments.report import accuracy, figure, fmt, markdown_table, mean_std, save, write
+from experiments.report import (
+    VERDICT_NOTE,
+    Comparison,
+    accuracy,
+    claim,
+    figure,
+    fmt,
+    markdown_table,
+    mean_std,
+    save,
+    verdict_table,
+    write,
+)
 
 MODELS = (  # (model, variant or mask mode, optimiser recipe)
     (("resnet_like", "multi", "adam"), "weight-tied, multi-mask 0.5 (K = 8), Adam"),
@@ -46,10 +58,116 @@ def _key(r):
     return ("resnet_like", t["mode"], t["recipe"])
 
 
-def aggregate(results, out_dir, scale):
+def _groups(results) -> dict:
     g: dict = {}
     for r in results:
         g.setdefault(_key(r), []).append(r)
+    return g
+
+
+def _step_ms(r) -> float:
+    return 1000 * r["median_step_time_s"]
+
+
+def comparisons(results) -> list[Comparison]:
+    """Table 1a's single-stream rows: the dense weight-tied model (the paper's) and the multi-mask
+    one against each DEQ under that DEQ's recipe, then each DEQ's step time against the weight-tied
+    model's (in the sweep, so noisy; the paper's 5.47x and 6.95x)."""
+    g = _groups(results)
+    mdeq, phantom = g.get(("deq", "mdeq", "adam"), []), g.get(("deq", "phantom", "sgd"), [])
+    wt = {k[1:]: v for k, v in g.items() if k[0] == "resnet_like"}
+    none = "not in Table 1a"
+    return [
+        Comparison.paired(
+            "weight-tied dense - DEQ implicit gradient (Adam)",
+            wt.get(("dense", "adam"), []),
+            mdeq,
+            +1,
+            paper="+2.32 (84.07 vs 81.75)",
+        ),
+        Comparison.paired(
+            "weight-tied dense - DEQ phantom gradient (SGD)",
+            wt.get(("dense", "sgd"), []),
+            phantom,
+            +1,
+            paper="+1.32 (86.38 vs 85.06)",
+        ),
+        Comparison.paired(
+            "weight-tied multi-mask 0.5 - DEQ implicit gradient (Adam)",
+            wt.get(("multi", "adam"), []),
+            mdeq,
+            +1,
+            paper=none,
+        ),
+        Comparison.paired(
+            "weight-tied multi-mask 0.5 - DEQ phantom gradient (SGD)",
+            wt.get(("multi", "sgd"), []),
+            phantom,
+            +1,
+            paper=none,
+        ),
+        Comparison.paired(
+            "step time: DEQ implicit gradient - weight-tied dense (Adam)",
+            mdeq,
+            wt.get(("dense", "adam"), []),
+            +1,
+            value=_step_ms,
+            unit="ms",
+            paper="DEQ 5.47x the weight-tied time",
+        ),
+        Comparison.paired(
+            "step time: DEQ phantom gradient - weight-tied dense (SGD)",
+            phantom,
+            wt.get(("dense", "sgd"), []),
+            +1,
+            value=_step_ms,
+            unit="ms",
+            paper="DEQ 6.95x the weight-tied time",
+        ),
+    ]
+
+
+def claims(results, scale):
+    """The claim-table rows: accuracy against each DEQ (dense weight-tied, as the paper), and the
+    implicit-gradient DEQ's step time."""
+    c = comparisons(results)
+    setting = sc.setting(scale) + "; DEQ solver 12/12 iterations, unconverged"
+    return [
+        claim(
+            "Weight-tied (K = 8) beats the same-block DEQ trained by implicit gradient (Table 1a)",
+            c[0],
+            setting,
+        ),
+        claim(
+            "Weight-tied (K = 8) beats the same-block DEQ trained by phantom gradient (Table 1a)",
+            c[1],
+            setting,
+        ),
+        claim(
+            "A weight-tied step is faster than a DEQ step (Table 1a, Fig. 2; step time in ms)", c[4], setting
+        ),
+    ]
+
+
+def _solver(rs) -> str:
+    """Forward solver steps / relative residual / samples not converged, at the last log."""
+
+    def last(key):
+        return [r["summary"][key] for r in rs if key in r["summary"]]
+
+    fwd, res, bad = (
+        last("train/model/deq_fwd_nstep"),
+        last("train/model/deq_fwd_rel_res"),
+        last("train/model/deq_fwd_nonconverged"),
+    )
+    if not fwd:
+        return ""
+    batch = rs[0]["overrides"]["batch_size"]
+    return f"{mean_std(fwd)[0]:.1f} / {mean_std(res)[0]:.3f} / {mean_std(bad)[0]:.0f} of {batch}"
+
+
+def aggregate(results, out_dir, scale):
+    g = _groups(results)
     times = {k: mean_std([r["median_step_time_s"] for r in rs]) for k, rs in g.items()}
     unit = min((times[k][0] for k in times if k[0] == "resnet_like"), default=1.0)
     rows, pts = [], []
@@ -60,16 +178,6 @@ def aggregate(results, out_dir, scale):
         acc = [accuracy(r) for r in rs]
         t, t_std, _ = times[key]
         s = rs[0]["summary"]
-        fwd = [
-            r["summary"]["train/model/deq_fwd_nstep"]
-            for r in rs
-            if "train/model/deq_fwd_nstep" in r["summary"]
-        ]
-        res = [
-            r["summary"]["train/model/deq_fwd_rel_res"]
-            for r in rs
-            if "train/model/deq_fwd_rel_res" in r["summary"]
-        ]
         rows.append(
             (
                 label,
@@ -77,7 +185,7 @@ def aggregate(results, out_dir, scale):
                 f"{1000 * t:.0f} ± {1000 * t_std:.0f}",
                 f"{t / unit:.2f}x",
                 f"{s['num_params']:,}",
-                f"{mean_std(fwd)[0]:.1f} / {mean_std(res)[0]:.3f}" if fwd else "",
+                _solver(rs),
             )
         )
         pts.append((label, t / unit, *mean_std(acc)[:2]))
@@ -92,10 +200,15 @@ def aggregate(results, out_dir, scale):
                 "step time (ms)",
                 "runtime",
                 "params",
-                "solver steps / rel. residual (last log)",
+                "solver steps / rel. residual / not converged (last log)",
             ),
             rows,
-        ),
+        )
+        + "\nPer seed, paired (accuracy in points, step time in ms):\n\n"
+        + verdict_table(comparisons(results))
+        + "\n"
+        + VERDICT_NOTE
+        + "\n",
     )
     fig, (ax,) = figure(1, width=5.5)
     for label, x, m, s in pts:

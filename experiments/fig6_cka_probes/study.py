@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from experiments import scale as sc
-from experiments.report import fmt, markdown_table, write
+from experiments.report import (
+    VERDICT_NOTE,
+    Comparison,
+    claim,
+    fmt,
+    group,
+    markdown_table,
+    verdict_table,
+    write,
+)
 from wtjax.analysis import plots
 
 MODES = {"same": "same-mask", "multi": "multi-mask", "dense": "dense"}
@@ -59,6 +68,64 @@ def block_similarity(cka: np.ndarray) -> float:
     block = cka[1:-1, 1:-1]  # drop the stem and pooled rows
     k = block.shape[0]
     return float((block.sum() - np.trace(block)) / (k * (k - 1)))
+
+
+def _block_cka(r) -> float:
+    return block_similarity(np.asarray(_analysis(r)["cka"]))
+
+
+def _probe_last_reuse(r) -> float:
+    return 100 * _analysis(r)["probe_accuracy"][-2]  # the layer after the last reuse (before pooling)
+
+
+def comparisons(results) -> tuple[list[Comparison], list[Comparison]]:
+    """Per density: block CKA of same- minus multi-mask (the paper: multi-mask erases the
+    similarity, so > 0), and the probe after the last reuse, multi- minus same-mask (the paper:
+    about +3 points after 8 tied layers, density 0.1)."""
+    g = group(results, "density", "mode")
+    cka, probe = [], []
+    for d in DENSITIES:
+        same, multi = g.get((d, "same"), []), g.get((d, "multi"), [])
+        where = "the paper's Fig. 6" if d == 0.1 else "not in the paper"
+        cka.append(
+            Comparison.paired(
+                f"block CKA, same - multi, density {d:g}",
+                same,
+                multi,
+                +1,
+                value=_block_cka,
+                unit="CKA",
+                paper=f"> 0 ({where}: multi-mask erases the pattern)",
+            )
+        )
+        probe.append(
+            Comparison.paired(
+                f"probe after reuse 8, multi - same, density {d:g}",
+                multi,
+                same,
+                +1,
+                value=_probe_last_reuse,
+                paper="about +3" if d == 0.1 else "> 0 (not in the paper)",
+            )
+        )
+    return cka, probe
+
+
+def claims(results, scale):
+    """The claim-table rows: Fig. 6 at its density, 0.1."""
+    cka, probe = comparisons(results)
+    setting = sc.setting(scale) + "; 2,000 holdout images"
+    return [
+        claim(
+            "Multi-mask erases the high layer similarity of weight tying (Fig. 6; CKA, density 0.1)",
+            cka[0],
+            setting,
+            digits=3,
+        ),
+        claim(
+            "Multi-mask features probe better after the last reuse (Fig. 6; density 0.1)", probe[0], setting
+        ),
+    ]
 
 
 def aggregate(results, out_dir, scale):
@@ -104,5 +171,12 @@ def aggregate(results, out_dir, scale):
                 "seeds",
             ),
             rows,
-        ),
+        )
+        + "\nPer seed, paired (CKA; probe accuracy in points):\n\n"
+        + verdict_table(comparisons(results)[0], digits=3)
+        + "\n"
+        + verdict_table(comparisons(results)[1])
+        + "\n"
+        + VERDICT_NOTE
+        + "\n",
     )

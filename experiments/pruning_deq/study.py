@@ -31,7 +31,19 @@ import dataclasses
 import numpy as np
 
 from experiments import scale as sc
-from experiments.report import accuracy, figure, fmt, group, markdown_table, save, write
+from experiments.report import (
+    VERDICT_NOTE,
+    Comparison,
+    accuracy,
+    claim,
+    figure,
+    fmt,
+    group,
+    markdown_table,
+    save,
+    verdict_table,
+    write,
+)
 from wtjax.tools.sweep import Run
 
 FC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -217,6 +229,68 @@ def _plot_scorers(results, arch, title, path):
     save(fig, path)
 
 
+NAMES = {"digits": "digits", "cifar": "CIFAR-10"}
+PHAM = "Pham et al.: "  # the pruning-DEQ paper's claims, not the weight-tying paper's
+
+
+def comparisons(results, dataset) -> list[Comparison]:
+    """The pruning-DEQ paper's claims on one data set: scored pruning beats random on the conv
+    monDEQ (90%), and removing ``B`` costs 1-3 points while removing ``A`` costs nothing (dense FC)."""
+    rs = [r for r in results if r["tags"]["dataset"] == dataset]
+    g = group(rs, "group", "parametrization", "method", "sparsity")
+    random = g.get(("conv", "full", "random", 0.9), [])
+    full = g.get(("fc", "full", "none", 0.0), [])
+    out = [
+        Comparison.paired(
+            f"conv monDEQ 90%: {m} - random, {dataset}",
+            g.get(("conv", "full", m, 0.9), []),
+            random,
+            +1,
+            paper=PHAM + "random is weak",
+        )
+        for m in ("magnitude", "snip")
+    ]
+    out += [
+        Comparison.paired(
+            f"FC monDEQ, dense: no {m} - full, {dataset}",
+            g.get(("fc", f"no_{m.lower()}", "none", 0.0), []),
+            full,
+            sign,
+            paper=PHAM + paper,
+        )
+        for m, sign, paper in (("A", +1, "0 or slightly above"), ("B", -1, "-1 to -3"))
+    ]
+    return out
+
+
+SETTINGS = {  # the conv monDEQ's data per data set (the FC one's CIFAR-10 setting is in claims())
+    "digits": "digits: 297 test images, 10 epochs",
+    "cifar": "CIFAR-10 16x16: 10k images, 1 epoch, 5k holdout",
+}
+
+
+def claims(results, scale):
+    """The claim-table rows (the pruning-DEQ paper's): SNIP vs random on the conv monDEQ on both
+    data sets, and removing A from the FC monDEQ on CIFAR-10."""
+    c = {x.name: x for d in DATASETS for x in comparisons(results, d)}
+    rows = [
+        claim(
+            f"Pruning-DEQ paper: SNIP at init beats random pruning on the conv monDEQ (90%), {NAMES[d]}",
+            c[f"conv monDEQ 90%: snip - random, {d}"],
+            SETTINGS[d],
+        )
+        for d in DATASETS
+    ]
+    rows.append(
+        claim(
+            "Pruning-DEQ paper: removing A from the monDEQ costs nothing (FC, dense), CIFAR-10",
+            c["FC monDEQ, dense: no A - full, cifar"],
+            "CIFAR-10 16x16: 20k images, 3 epochs, 5k holdout; without A the solver stops at its cap",
+        )
+    )
+    return rows
+
+
 DATASETS = {
     "digits": "Digits (the 297 test images of the bundled digits; 10 epochs)",
     "cifar": "CIFAR-10 (16x16, the 5,000-image holdout of the local training copy)",
@@ -241,4 +315,8 @@ def aggregate(results, out_dir, scale):
             "\n### Multi-mask tied block: scored vs random masks (50% of each tied kernel per reuse)\n\n"
             + _tied_table(rs)
         )
+    verdicts = [c for dataset in DATASETS for c in comparisons(results, dataset)]
+    text.append(
+        f"\n## Verdicts (the pruning-DEQ paper's claims)\n\n{verdict_table(verdicts)}\n{VERDICT_NOTE}\n"
+    )
     write(out_dir, "".join(text))

@@ -1,22 +1,28 @@
-"""Table 2: multi-mask keeps its advantage over same-mask with 2:4 structured sparsity.
+"""Table 2: multi-mask weight tying with 2:4 structured sparsity against unstructured masks.
 
-Same-mask and multi-mask at K = 8, density 0.5, with unstructured masks and with N:M = 2:4
-masks (groups of 4 along each kernel's input-channel axis). "Small" is the base width; the paper
-also reports a "Large" width (2x here, at the paper scale only: 4x the CPU cost).
+The paper's Table 2 reports the multi-mask model with 2:4 and with unstructured density-0.5
+masks (no same-mask row). Here the same-mask model is trained too, so the table also asks whether
+multi-mask keeps its edge over same-mask under 2:4 (a recast of the table, not in the paper).
+K = 8, density 0.5; N:M = 2:4 masks in groups of 4 along each kernel's input-channel axis. The
+CPU scale trains the base width (16); the paper's Small and Large widths belong to the paper
+scale (``WIDTH_FACTORS``).
 """
 
 from __future__ import annotations
 
 from experiments import scale as sc
 from experiments.report import (
+    VERDICT_NOTE,
+    Comparison,
     accuracy,
+    claim,
     figure,
     fmt,
     group,
     markdown_table,
     mean_std,
-    paired_gain,
     save,
+    verdict_table,
     write,
 )
 
@@ -34,6 +40,48 @@ def runs(scale: str):
     ]
 
 
+def comparisons(results) -> list[Comparison]:
+    """Per width: multi-mask 2:4 minus multi-mask unstructured (the paper's Table 2: -0.35 Small,
+    +0.01 Large), and multi- minus same-mask per sparsity (not in the paper)."""
+    g = group(results, "width", "kind", "mode")
+    out = []
+    for w in sorted({key[0] for key in g}):
+        out.append(
+            Comparison.paired(
+                f"multi 2:4 - multi unstructured, width {w}",
+                g.get((w, "nm", "multi"), []),
+                g.get((w, "unstructured", "multi"), []),
+                -1,
+                paper="-0.35 (83.16 vs 83.51, Small); +0.01 (Large)",
+            )
+        )
+        out += [
+            Comparison.paired(
+                f"multi - same, {KINDS[k]}, width {w}",
+                g.get((w, k, "multi"), []),
+                g.get((w, k, "same"), []),
+                +1,
+                paper="not in Table 2 (Fig. 5: +0.2 to +1)",
+            )
+            for k in KINDS
+        ]
+    return out
+
+
+def claims(results, scale):
+    """The claim-table row: what 2:4 costs the multi-mask model, at the base width."""
+    c = next((c for c in comparisons(results) if c.name.endswith(f"width {sc.width(scale, 1.0)}")), None)
+    if c is None:
+        c = Comparison("multi 2:4 - multi unstructured", -1, (), paper="-0.35 (Small); +0.01 (Large)")
+    return [
+        claim(
+            "Multi-mask with 2:4 vs unstructured masks: 2:4 slightly below (Table 2, Small)",
+            c,
+            sc.setting(scale),
+        )
+    ]
+
+
 def aggregate(results, out_dir, scale):
     g = group(results, "width", "kind", "mode")
     cells = [(w, k) for w in sorted({key[0] for key in g}) for k in KINDS]
@@ -46,14 +94,18 @@ def aggregate(results, out_dir, scale):
                 KINDS[k],
                 fmt([accuracy(r) for r in same]),
                 fmt([accuracy(r) for r in multi]),
-                fmt(paired_gain(multi, same), 2),
             )
         )
     write(
         out_dir,
         "# Table 2 results (generated)\n\nHoldout accuracy (%), K = 8, mean ± std over seeds; "
-        "the gain is multi - same, paired by seed.\n\n"
-        + markdown_table(("width", "sparsity", "same-mask", "multi-mask", "multi - same"), rows),
+        "the paper's Table 2 has the multi-mask column only.\n\n"
+        + markdown_table(("width", "sparsity", "same-mask", "multi-mask"), rows)
+        + "\nPer seed, paired (points):\n\n"
+        + verdict_table(comparisons(results))
+        + "\n"
+        + VERDICT_NOTE
+        + "\n",
     )
 
     fig, (ax,) = figure(1, width=5)

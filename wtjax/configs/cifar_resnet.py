@@ -10,8 +10,8 @@ at depth 8 and density 0.5.
         --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
 
 Any field can also be set with ``--config.<path>=<value>`` (e.g. ``--config.optim.learning_rate=3e-4``).
-The paper gives no width; 64 is the width of the performance notes (``small``/``large`` in the
-model docstring are 40 and 168).
+The paper gives no width; 64 is the width of the performance notes (the model's ``size='small'``
+and ``size='large'``, ``wtjax/models/resnet_like.py``, are widths 44 and 172: ``width=44``).
 """
 
 from wtjax.job import config as cs
