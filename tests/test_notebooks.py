@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,11 +79,17 @@ def test_badges_and_clone_url_only_with_a_repository():
         module.main(["--repository=not a repository"])
 
 
-def _setup_subprocess(body: str) -> dict:
+def _setup_subprocess(body: str, **env) -> dict:
     """Run the setup cell, then ``body`` (which prints one JSON line), in a fresh interpreter."""
     setup = _build_module().setup_cell()
     script = f"exec({setup!r})\nimport json\n{body}"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=NOTEBOOKS, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=NOTEBOOKS,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -118,6 +125,46 @@ print(json.dumps({{"errors": errors, "jax": runtime_jax()}}))
     assert "wtjax needs jax>=" in errors["old_jax"] and "Runtime > Change runtime type" in errors["old_jax"]
     assert out["jax"]["jax"] == jax.__version__ and out["jax"]["jaxlib"] == jax.__version__
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_setup_install_pins_the_runtime_jax_and_checks_it_is_unchanged(tmp_path):
+    """The Colab install, with pip replaced by a recorder: one pip call that installs the train and
+    analysis extras under constraints pinning the runtime's jax; a pip that changed jax is caught."""
+    out = _setup_subprocess(
+        """
+import types
+
+calls = []
+def recording_pip(cmd, **kwargs):
+    calls.append(cmd)
+    return types.SimpleNamespace(returncode=0)
+
+subprocess = types.SimpleNamespace(run=recording_pip)  # the helpers look it up at call time
+install_keeping_runtime_jax(ROOT)
+constraints = open(calls[0][calls[0].index("-c") + 1]).read().split()
+real_runtime_jax = runtime_jax
+
+def pip_replacing_jax(cmd, **kwargs):
+    global runtime_jax
+    runtime_jax = lambda: {**real_runtime_jax(), "jax": "9.9.9"}
+    return types.SimpleNamespace(returncode=0)
+
+subprocess = types.SimpleNamespace(run=pip_replacing_jax)
+try:
+    install_keeping_runtime_jax(ROOT)
+    changed = None
+except AssertionError as e:
+    changed = str(e)
+print(json.dumps({"calls": calls, "constraints": constraints, "jax": real_runtime_jax(), "changed": changed}))
+""",
+        TMPDIR=str(tmp_path),
+    )
+    root = str(NOTEBOOKS.parents[1])
+    [call] = out["calls"]
+    assert call[1:4] == ["-m", "pip", "install"] and call[-2:] == ["-e", f"{root}[train,analysis]"]
+    assert out["constraints"] == [f"{n}=={v}" for n, v in sorted(out["jax"].items())]
+    assert {"jax", "jaxlib"} <= set(out["jax"])
+    assert out["changed"].startswith("the install changed the runtime's jax") and "9.9.9" in out["changed"]
 
 
 def test_the_tpu_quickstart_refuses_to_run_off_a_tpu(monkeypatch):
