@@ -21,6 +21,7 @@ from wtjax import _moved
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wtjax"
 RANKS = {
+    "_extras": -1,  # which optional extra each layer needs (imports no wtjax module): below every layer
     "core": 0,
     "implicit": 0,
     "data": 0,

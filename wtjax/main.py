@@ -18,11 +18,16 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from wtjax.job import config as config_schema
-from wtjax.job import parallel, preemption, train, workdir_lock
+from wtjax import _extras
+
+_extras.require("train", "the training job (wtjax.main)")  # before absl: name the extra, not one module
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from wtjax.job import config as config_schema  # noqa: E402
+from wtjax.job import parallel, preemption, train, workdir_lock  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path/to/config.py:k=v,k=v", lock_config=True

@@ -2,24 +2,44 @@
 
 The notebooks are generated, not hand-edited, so their diffs stay readable and they are saved
 without outputs. Every notebook reads ``WTJAX_NOTEBOOK_SMOKE=1`` (set by tests/test_notebooks.py)
-to shrink itself to a CPU run of seconds; otherwise it runs at the size its title says.
+to shrink itself to a CPU run of seconds; otherwise it runs at the size its title says. The TPU
+quickstart refuses to run off a TPU unless ``REQUIRE_TPU`` is off (``WTJAX_REQUIRE_TPU=0``).
 
-    python -m experiments.notebooks.build
+    python -m experiments.notebooks.build                            # the notebooks, no badges
+    python -m experiments.notebooks.build --repository=owner/wtjax   # + "Open in Colab" badges
+    python -m experiments.notebooks.build --execute                  # + executed/ copies with outputs
+
+``--repository=owner/name`` (the public GitHub repository holding this folder on ``--branch``,
+default ``main``) adds an "Open in Colab" badge to each notebook and makes that repository the
+setup cell's default ``REPO_URL``; without it the badges are left out (a badge needs the public
+URL). ``--execute`` also runs each notebook on CPU at smoke-test size and saves it with its outputs
+(plots included) as ``executed/<name>.ipynb``, for reading on the web; the build machine's paths
+in the outputs are written as ``<repository>``, ``<tmp>`` and ``<site-packages>``.
+tests/test_notebooks.py checks that the notebooks and the executed copies' code are what this file
+generates.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
+import re
+import sysconfig
+import tempfile
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
+EXECUTED = HERE / "executed"
+PLACEHOLDER_URL = "https://github.com/<owner>/wtjax.git"
 
-SETUP = """\
-# Setup. On Colab: clone wtjax into /content/wtjax and install it around the runtime's own jax,
-# jaxlib and libtpu (they match the TPU; a pip upgrade or downgrade of them loses it). Elsewhere:
-# run from a checkout installed with `pip install -e ".[dev]"`. Safe to rerun: every path is
+SETUP = r'''# @title Setup { display-mode: "form" }
+# On Colab: clone wtjax into /content/wtjax and install it around the runtime's own jax,
+# jaxlib and libtpu / CUDA plugins (they match the accelerator: pip must not replace them).
+# Elsewhere: run from a checkout installed as its README says. Safe to rerun: every path is
 # absolute, and the clone and the install are skipped once done.
 import importlib.metadata
 import os
@@ -29,40 +49,66 @@ import sys
 import tempfile
 
 IN_COLAB = "google.colab" in sys.modules
-SMOKE = os.environ.get("WTJAX_NOTEBOOK_SMOKE") == "1"  # CI: a few steps on CPU
-REPO_URL = "https://github.com/<you>/wtjax.git"  # @param {type:"string"}
+SMOKE = os.environ.get("WTJAX_NOTEBOOK_SMOKE") == "1"  # tests: a few steps on CPU
+REPO_URL = "<REPO_URL>"  # @param {type:"string"}
 REPO_URL = os.environ.get("WTJAX_REPO_URL", REPO_URL)  # the environment variable wins
+RUNTIME_JAX = re.compile(r"jax|jaxlib|libtpu.*|jax-cuda\d+-(plugin|pjrt)")
+
+
+def runtime_jax():
+    """{distribution: version} of the installed jax, jaxlib and accelerator plugins."""
+    names = {re.sub(r"[-_.]+", "-", d.metadata["Name"] or "").lower(): d.version
+             for d in importlib.metadata.distributions()}
+    return {name: version for name, version in names.items() if RUNTIME_JAX.fullmatch(name)}
+
+
+def clone(url, root):
+    """git clone `url` into `root`, failing clearly on the placeholder or an unreachable URL."""
+    if not url or "<owner>" in url:
+        raise ValueError("set REPO_URL (the form field above, or $WTJAX_REPO_URL) to wtjax's git URL")
+    probe = subprocess.run(["git", "ls-remote", "-q", url], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise RuntimeError(f"cannot read the git repository REPO_URL={url!r}: is it right, and public "
+                           f"or reachable from this runtime? git says: {probe.stderr.strip()}")
+    subprocess.run(["git", "clone", "-q", url, root], check=True)
+
+
+def check_jax_bound(root, versions):
+    """Fail clearly if the runtime's jax is older than wtjax's lower bound (pyproject.toml)."""
+    import tomllib  # Python >= 3.11, as on Colab
+
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        needed = next(r for r in map(Requirement, tomllib.load(f)["project"]["dependencies"])
+                      if r.name == "jax")
+    if not needed.specifier.contains(versions.get("jax", "0")):
+        raise RuntimeError(
+            f"this runtime has jax {versions.get('jax')}, and wtjax needs {needed}. Choose a newer "
+            "runtime (Runtime > Change runtime type > Runtime version), or upgrade jax together with "
+            "its accelerator plugin (e.g. pip install -U 'jax[tpu]') and restart the session.")
 
 
 def install_keeping_runtime_jax(root):
-    \"\"\"pip-install wtjax from `root` without changing the installed jax, jaxlib or libtpu.\"\"\"
-    # A constraints file pins the runtime's versions, so wtjax's other dependencies (flax, optax,
-    # orbax, ...) are resolved against them: pip picks compatible versions or fails naming the
-    # conflict, but never replaces them. wtjax itself is installed with --no-deps, so its own
-    # tested jax range (pyproject.toml) does not force another jax either.
-    installed = {d.metadata["Name"] or "": d.version for d in importlib.metadata.distributions()}
-    keep = re.compile(r"jax|jaxlib|libtpu.*", re.IGNORECASE)
-    pins = sorted(f"{name}=={version}" for name, version in installed.items() if keep.fullmatch(name))
-    constraints = os.path.join(tempfile.gettempdir(), "wtjax_keep_runtime_jax.txt")
+    """pip-install wtjax from `root` with its train and analysis extras, leaving jax as it is."""
+    before = runtime_jax()
+    check_jax_bound(root, before)
+    # The runtime's versions pinned as constraints: pip resolves flax, optax, orbax, ... against
+    # them, or fails naming the conflict, but never replaces them (wtjax caps no jax version).
+    constraints = os.path.join(tempfile.gettempdir(), "wtjax_runtime_jax.txt")
     with open(constraints, "w") as f:
-        f.write("\\n".join(pins) + "\\n")
-    import tomllib  # Python >= 3.11, as on Colab
-
-    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-        deps = tomllib.load(f)["project"]["dependencies"]
-    deps = [d for d in deps if re.match(r"[A-Za-z0-9_.-]+", d).group().lower() not in ("jax", "jaxlib")]
-    pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-c", constraints, *deps], check=True)
-    subprocess.run([*pip, "--no-deps", "-e", root], check=True)
-    print("installed wtjax; kept", ", ".join(pins))
+        f.write("".join(f"{name}=={version}\n" for name, version in sorted(before.items())))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "-c", constraints]
+    subprocess.run([*pip, "-e", f"{root}[train,analysis]"], check=True)
+    after = runtime_jax()
+    assert after == before, f"the install changed the runtime's jax: {before} -> {after}"
+    print("installed wtjax; kept", ", ".join(f"{n} {v}" for n, v in sorted(before.items())))
 
 
 if IN_COLAB:
     ROOT = "/content/wtjax"
     if not os.path.isdir(ROOT):
-        if not REPO_URL or "<you>" in REPO_URL:
-            raise ValueError("set REPO_URL (form field above, or $WTJAX_REPO_URL) to your copy's git URL")
-        subprocess.run(["git", "clone", "-q", REPO_URL, ROOT], check=True)
+        clone(REPO_URL, ROOT)
     try:
         importlib.metadata.version("wtjax")
     except importlib.metadata.PackageNotFoundError:
@@ -73,10 +119,26 @@ os.chdir(ROOT)  # configs/ are addressed from the repository root
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # an editable install made in this session is only seen by new processes
 WORK = os.path.join(tempfile.gettempdir(), "wtjax_notebooks" + ("_smoke" if SMOKE else ""))  # run workdirs
-print("repository:", ROOT, "| run workdirs:", WORK, "| smoke test:", SMOKE)"""
+print("repository:", ROOT, "| run workdirs:", WORK, "| smoke test:", SMOKE)'''
 
 
-def notebook(title: str, intro: str, cells: list[str]) -> nbformat.NotebookNode:
+def setup_cell(repository: str | None = None) -> str:
+    """The setup cell's source, with ``REPO_URL`` defaulting to ``repository``'s GitHub URL if given."""
+    url = f"https://github.com/{repository}.git" if repository else PLACEHOLDER_URL
+    return SETUP.replace("<REPO_URL>", url)
+
+
+def badge(repository: str, branch: str, name: str) -> str:
+    """Markdown of an "Open in Colab" badge for ``experiments/notebooks/<name>.ipynb``."""
+    target = f"https://colab.research.google.com/github/{repository}/blob/{branch}/experiments/notebooks/{name}.ipynb"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({target})"
+
+
+def notebook(
+    name: str, title: str, intro: str, cells: list[str], repository: str | None = None, branch: str = "main"
+) -> nbformat.NotebookNode:
+    """The notebook ``name``: a title cell (with a Colab badge if ``repository`` is given), the setup
+    cell, then ``cells`` (one starting with ``## `` or ``**`` is markdown, any other one code)."""
     nb = new_notebook()
     nb.metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -84,8 +146,11 @@ def notebook(title: str, intro: str, cells: list[str]) -> nbformat.NotebookNode:
         "accelerator": "TPU",
         "colab": {"provenance": []},
     }
-    colab = "On Colab, first set `REPO_URL` in the setup cell to the git URL of your copy of wtjax."
-    nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}\n\n{colab}"), new_code_cell(SETUP)]
+    if repository:
+        colab = f"{badge(repository, branch, name)}\n\nOn Colab, the setup cell clones {repository}."
+    else:
+        colab = "On Colab, first set `REPO_URL` in the setup cell to the git URL of your copy of wtjax."
+    nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}\n\n{colab}"), new_code_cell(setup_cell(repository))]
     for cell in cells:
         if cell.startswith("## ") or cell.startswith("**"):
             nb.cells.append(new_markdown_cell(cell))
@@ -94,27 +159,25 @@ def notebook(title: str, intro: str, cells: list[str]) -> nbformat.NotebookNode:
     return nb
 
 
-QUICKSTART = notebook(
+QUICKSTART = (
     "wtjax quickstart (Colab TPU)",
     "Train the paper's multi-mask weight-tied ResNet-like model on CIFAR-10 with every TPU core "
     "(Runtime > Change runtime type > TPU), then evaluate the saved checkpoint. The same code runs "
     "on a CPU or GPU: the training job shards the batch over whatever `jax.devices()` returns.",
     [
         """
-import glob
-
 import jax
 
-# Signs of an attached TPU (Colab's TPU runtimes, Cloud TPU VMs): then JAX must be running on it.
-TPU_ATTACHED = bool(
-    os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME")
-    or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
-)
+# A silent fallback to the CPU would train for hours: insist on the TPU unless told otherwise.
+REQUIRE_TPU = True  # @param {type:"boolean"}
+if os.environ.get("WTJAX_REQUIRE_TPU") == "0":  # the tests' CPU dry run
+    REQUIRE_TPU = False
 print("backend:", jax.default_backend(), "| devices:", jax.devices())  # TPU v2-8: eight TpuDevice
-if TPU_ATTACHED:
+if REQUIRE_TPU:
     assert jax.default_backend() == "tpu", (
-        f"a TPU is attached but JAX runs on {jax.default_backend()!r}: the runtime's jax/libtpu were "
-        "probably replaced by a pip install. Runtime > Disconnect and delete runtime, then rerun."
+        f"JAX runs on {jax.default_backend()!r}, not on a TPU. On Colab: Runtime > Change runtime type > "
+        "TPU, then run all cells again (if a TPU was attached, a pip install replaced the runtime's "
+        "jax/libtpu: Runtime > Disconnect and delete runtime). For a CPU dry run set REQUIRE_TPU = False."
     )
 """,
         "## Configure\n\nA run is a config file plus arguments and overrides, exactly as on the command "
@@ -166,7 +229,7 @@ assert abs(correct / total - summary["eval/accuracy"]) < 1e-6  # the training jo
     ],
 )
 
-ANALYSIS = notebook(
+ANALYSIS = (
     "Layer similarity (CKA) and linear probes: same-mask vs multi-mask",
     "Train a same-mask and a multi-mask weight-tied model, then look at how similar their layers "
     "are (linear CKA, the paper's Figure 6) and how linearly separable the classes are after each "
@@ -214,7 +277,7 @@ for m, r in results.items():
     ],
 )
 
-WT_VS_DEQ = notebook(
+WT_VS_DEQ = (
     "Weight-tied vs DEQ: accuracy and time per step",
     "The DEQ solves for the fixed point of the very block the weight-tied model repeats K times "
     "(same parameter tree). Train both with the same data and budget and compare accuracy and "
@@ -263,7 +326,84 @@ plt.show()
 )
 
 
-if __name__ == "__main__":
-    for name, nb in (("quickstart_tpu", QUICKSTART), ("analysis", ANALYSIS), ("wt_vs_deq", WT_VS_DEQ)):
+SPECS = {"quickstart_tpu": QUICKSTART, "analysis": ANALYSIS, "wt_vs_deq": WT_VS_DEQ}
+
+
+def notebooks(repository: str | None = None, branch: str = "main") -> dict[str, nbformat.NotebookNode]:
+    """Every notebook of this folder by name, built (badges only with ``repository``)."""
+    return {name: notebook(name, *spec, repository=repository, branch=branch) for name, spec in SPECS.items()}
+
+
+def execute(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
+    """A copy of ``nb`` run on CPU at smoke-test size, with its outputs, for reading on the web."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.from_dict(nb)
+    with tempfile.TemporaryDirectory() as tmp:
+        smoke = {"WTJAX_NOTEBOOK_SMOKE": "1", "WTJAX_REQUIRE_TPU": "0", "JAX_PLATFORMS": "cpu", "TMPDIR": tmp}
+        with _environ(smoke):  # the kernel inherits this process's environment
+            resources = {"metadata": {"path": str(HERE)}}  # started in this folder, as Jupyter would
+            NotebookClient(
+                nb, timeout=900, kernel_name="python3", record_timing=False, resources=resources
+            ).execute()
+        machine = {str(HERE.parents[1]): "<repository>", os.path.realpath(tmp): "<tmp>", tmp: "<tmp>"}
+        _neutral_paths(nb, {**machine, sysconfig.get_paths()["purelib"]: "<site-packages>"})
+    note = (
+        f"*An executed copy of [`{name}.ipynb`](../{name}.ipynb), with its outputs: run on CPU at the "
+        "smoke-test size (`WTJAX_NOTEBOOK_SMOKE=1`, `WTJAX_REQUIRE_TPU=0`) by `build.py --execute`, "
+        "so its numbers are a few training steps', not the full run's.*"
+    )
+    nb.cells.insert(0, new_markdown_cell(note))
+    return nb
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def _neutral_paths(nb: nbformat.NotebookNode, replace: dict[str, str]) -> None:
+    """Write the build machine's paths in text outputs as placeholders (in place)."""
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(replace, key=len, reverse=True)))
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: replace[m.group()], text)
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if isinstance(out.get("text"), str):
+                out["text"] = sub(out["text"])
+            for key, value in out.get("data", {}).items():
+                if key.startswith("text/") and isinstance(value, str):
+                    out["data"][key] = sub(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", help="owner/name of the public GitHub repository: adds Colab badges")
+    parser.add_argument("--branch", default="main", help="the branch the badges open (default: main)")
+    parser.add_argument("--execute", action="store_true", help="also write executed/<name>.ipynb (on CPU)")
+    args = parser.parse_args(argv)
+    if args.repository and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repository):
+        parser.error(f"--repository={args.repository!r}: expected owner/name")
+    for name, nb in notebooks(args.repository, args.branch).items():
         nbformat.write(nb, HERE / f"{name}.ipynb")
         print("wrote", HERE / f"{name}.ipynb")
+        if args.execute:
+            EXECUTED.mkdir(exist_ok=True)
+            nbformat.write(execute(nb, name), EXECUTED / f"{name}.ipynb")
+            print("wrote", EXECUTED / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

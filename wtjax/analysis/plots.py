@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
+
+from wtjax import _extras
+
+_extras.require("analysis", "wtjax.analysis.plots")
+
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def cka_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str, title: str = "Linear CKA") -> None:

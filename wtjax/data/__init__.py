@@ -16,5 +16,10 @@ Modules, one responsibility each:
 - ``builtin``: scikit-learn's bundled digits and a synthetic learnable dataset.
 - ``vtab``: the VTAB-1k tasks, splits and labels (its loader is registered in ``loaders``).
 
-Nothing here is imported by ``import wtjax``; tensorflow-datasets is imported lazily.
+Nothing here is imported by ``import wtjax``; tensorflow-datasets is imported lazily. The data
+pipeline is the training job's: it needs the ``train`` extra, named at import when incomplete.
 """
+
+from wtjax import _extras
+
+_extras.require("train", "the data pipeline (wtjax.data)")

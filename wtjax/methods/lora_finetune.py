@@ -26,14 +26,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import optax
 from flax import traverse_util
 
 from wtjax.methods.lora import LoraSpec, init_lora, lora_view, merge
+
+if TYPE_CHECKING:  # the library needs only jax, flax and numpy; optax comes with the optimizer passed in
+    import optax
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -94,6 +96,8 @@ class LoraFinetune:
 
     def masked_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
         """``tx`` on trainable leaves; ``set_to_zero`` (no state, zero update) on frozen ones."""
+        import optax  # lazy: only this method needs it, and ``tx`` is already an optax transformation
+
         return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, self.labels)
 
     def trainable(self, params) -> dict:
