@@ -193,3 +193,22 @@ def test_every_docs_page_is_listed_in_the_index():
     index = (ROOT / "docs" / "index.md").read_text()
     pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
     assert {p for p in pages if f"({p})" not in index} == set()
+
+
+# Facts of one development machine: its paths, its cores, dates of a measurement, its load.
+MACHINE_FACTS = re.compile(
+    r"/tmp/|\.\./shared|this machine|load average|\b\d+[- ](?:CPU[- ])?cores?\b|\b20\d\d-\d\d-\d\d\b|\bUTC\b",
+    re.I,
+)
+
+
+def test_no_facts_of_one_machine_in_the_library_or_the_docs():
+    """Measurements and their machine live in experiments/; the library, README and docs state none."""
+    files = [*DOCS, *sorted((ROOT / "wtjax").rglob("*.py"))]
+    hits = [
+        f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if MACHINE_FACTS.search(line)
+    ]
+    assert not hits, "move these to experiments/ (with their machine):\n" + "\n".join(hits)
