@@ -541,7 +541,7 @@ def test_data_config_must_be_complete_and_known():
         create_dataset({**data("synthetic"), "augmnet": True}, seed=0)
     with pytest.raises(KeyError, match="'augmnet'"):
         data_config("synthetic", augmnet=True)
-    # The one set of defaults (README.md's table is checked against FIELDS in test_readme.py).
+    # The one set of defaults (docs/data.md's table is checked against FIELDS in test_docs.py).
     cfg = data_config("digits")
     assert (cfg.augment, cfg.download, cfg.holdout, tuple(cfg.image_shape)) == (True, True, 0, (8, 8, 3))
     assert cfg.data_dir is None and cfg.flip is None

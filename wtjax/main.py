@@ -1,9 +1,9 @@
 """Command-line entry point, intentionally tiny: everything testable lives in :mod:`wtjax.job.train`.
 
-    python -m wtjax.main --config=configs/digits_quickstart.py --workdir=/tmp/wtjax_quickstart
-    wtjax-train --config=digits_quickstart --workdir=/tmp/wtjax_quickstart   # a packaged config, anywhere
+    python -m wtjax.main --config=configs/digits_quickstart.py --workdir=runs/quickstart
+    wtjax-train --config=digits_quickstart --workdir=runs/quickstart   # a packaged config, anywhere
     python -m wtjax.main --config=configs/cifar_resnet.py:mask_mode=same,density=0.3 \\
-        --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
+        --config.data.data_dir=path/to/cifar10/train --config.data.holdout=5000
 
 Rerunning the same command resumes from the newest checkpoint in the workdir. A notebook does the
 same with ``train.train_and_evaluate(get_config(), workdir)``. On SIGTERM (a preemption notice)

@@ -3,8 +3,8 @@ r"""Single-convolution monotone DEQ on CIFAR-10, optionally pruned at initialisa
 
     python -m wtjax.main --config=configs/cifar_mondeq.py --workdir=runs/cifar_mondeq
     python -m wtjax.main --config=configs/cifar_mondeq.py:method=snip,sparsity=0.9
-    # a local class-folder copy (README.md, "Data"), extracted to /tmp:
-    python -m wtjax.main --config=configs/cifar_mondeq.py --config.data.data_dir=/tmp/cifar10
+    # a local CIFAR-10 copy (docs/data.md):
+    python -m wtjax.main --config=configs/cifar_mondeq.py --config.data.data_dir=path/to/cifar10
 """
 
 from pathlib import Path

@@ -7,7 +7,7 @@ at depth 8 and density 0.5.
     python -m wtjax.main --config=configs/cifar_resnet.py:mask_mode=same,density=0.3,depth=4,width=32
     # the local CIFAR copy (class folders, train split only: hold out 5,000 for evaluation):
     python -m wtjax.main --config=configs/cifar_resnet.py:width=32 \
-        --config.data.data_dir=/tmp/cifar10/train --config.data.holdout=5000
+        --config.data.data_dir=path/to/cifar10/train --config.data.holdout=5000
 
 Any field can also be set with ``--config.<path>=<value>`` (e.g. ``--config.optim.learning_rate=3e-4``).
 The paper gives no width; 64 is the width of the performance notes (the model's ``size='small'``

@@ -3,7 +3,7 @@ r"""Monotone DEQ (Winston & Kolter 2020) on scikit-learn's bundled digits (16x16
 equilibrium models"). Only the implicit layer (``mon/``: U, A, B) is pruned, as in the paper.
 Recipe after the paper's Table D1 (Adam, lr 1e-3, x0.1 step decay), shortened for digits.
 
-    python -m wtjax.main --config=configs/digits_mondeq.py --workdir=/tmp/digits_mondeq
+    python -m wtjax.main --config=configs/digits_mondeq.py --workdir=runs/digits_mondeq
     python -m wtjax.main --config=configs/digits_mondeq.py:arch=conv,method=snip,sparsity=0.9
     python -m wtjax.main --config=configs/digits_mondeq.py:parametrization=no_a,solver=fb,alpha=0.05
 """

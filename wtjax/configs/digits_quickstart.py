@@ -1,10 +1,10 @@
 r"""Offline quickstart: a multi-mask weight-tied ResNet-like model on scikit-learn's bundled
-handwritten digits (16x16 greyscale, 1,500 train / 297 test images; no download), a couple of
-minutes on 2 CPU cores.
+handwritten digits (16x16 greyscale, 1,500 train / 297 test images; no download), a minute or
+two on a laptop CPU.
 
-    python -m wtjax.main --config=configs/digits_quickstart.py --workdir=/tmp/wtjax_quickstart
+    python -m wtjax.main --config=configs/digits_quickstart.py --workdir=runs/quickstart
     # the same with one dense weight shared by all reuses, for comparison:
-    python -m wtjax.main --config=configs/digits_quickstart.py:mask_mode=dense --workdir=/tmp/wtjax_qs_dense
+    python -m wtjax.main --config=configs/digits_quickstart.py:mask_mode=dense --workdir=runs/qs_dense
 """
 
 from wtjax.job import config as cs

@@ -1,8 +1,8 @@
 r"""A tiny config for tests and smoke runs: synthetic 8x8 data, a width-8 multi-mask model at
 depth 2, a few steps. Runs in seconds on a CPU.
 
-    python -m wtjax.main --config=configs/tiny.py --workdir=/tmp/wtjax_tiny
-    python -m wtjax.main --config=configs/tiny.py:model=mlp,steps=10 --workdir=/tmp/wtjax_tiny_mlp
+    python -m wtjax.main --config=configs/tiny.py --workdir=runs/tiny
+    python -m wtjax.main --config=configs/tiny.py:model=mlp,steps=10 --workdir=runs/tiny_mlp
 """
 
 from wtjax.job import config as cs

@@ -4,10 +4,9 @@ Why a custom convolution: on XLA:CPU, the backward pass of a convolution that si
 loop (what ``nn.scan`` / ``lax.scan`` compile to) is tens of times slower than the same graph
 unrolled. The transposed convolutions XLA derives for the gradient stay in a non-canonical layout
 inside the loop body and miss the fast (Eigen) path; jax-ml/jax issue 12868 ("Convolution is
-significantly slower inside a loop body (CPU)") is open. Measured on a 2-core CPU (the benchmarks
-in experiments/benchmarks/): batch 16, C=64, kernel gradient of two tied 3x3 convs,
-9.7 s inside a scan vs 0.19 s unrolled. A weight-tied model *is* a conv inside a loop, so this
-matters for every CPU run.
+significantly slower inside a loop body (CPU)") is open; the measurements are in
+experiments/benchmarks/README.md. A weight-tied model *is* a conv inside a loop, so this matters
+for every CPU run.
 
 ``impl='im2col'`` sidesteps it with a ``jax.custom_vjp`` whose backward uses only operations XLA:CPU
 handles well anywhere:
@@ -23,9 +22,9 @@ handles well anywhere:
   batch and channel axes swapped (``x`` as ``(Ci, H, W, N)``, ``dy`` as an ``(Ho, Wo, N, Co)``
   kernel); at other strides as one matrix product ``patches^T @ dy`` (im2col: the ``kh*kw``
   strided shifts of the padded input stacked on the channel axis, flattened to
-  ``(N*Ho*Wo, kh*kw*Ci)``). Measured (batch 32, 32x32, C=64, one kernel gradient): XLA's own
-  28 ms alone but 5.3 s per iteration inside a ``lax.scan``; swapped conv 36 ms alone, 32 ms in
-  the scan; im2col matmul 72-162 ms.
+  ``(N*Ho*Wo, kh*kw*Ci)``). The swapped-axes convolution costs the same inside a ``lax.scan`` as
+  alone, where XLA's own kernel gradient is two orders of magnitude slower in the scan
+  (experiments/benchmarks/README.md).
 
 ``impl='xla'`` is plain ``lax.conv_general_dilated`` with XLA's own gradients (the right choice on
 GPU/TPU, which have their own convolution paths). ``impl='auto'`` is ``'im2col'`` when the program is

@@ -4,8 +4,8 @@
 build ``config.data`` with :func:`data_config` (re-exported by :mod:`wtjax.job.config`), and
 :func:`wtjax.data.pipeline.create_dataset` accepts only a complete section
 (:func:`read_data_config`): a missing field is an error naming it, never a default chosen by a
-loader. README.md's table of these fields is checked against :data:`FIELDS` by
-``tests/test_readme.py``.
+loader. The table of these fields in docs/data.md is checked against :data:`FIELDS` by
+``tests/test_docs.py``.
 
 A few fields mean "the dataset's own value" when None (``mean``/``std``: the loader's
 statistics, ``flip``: False for digits, ``crop_padding``: image height / 8); that choice is the
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from ml_collections import config_dict
 
-#: Environment variable read when ``data_dir`` is None (documented in README.md, "Data").
+#: Environment variable read when ``data_dir`` is None (documented in docs/data.md).
 DATA_DIR_ENV = "WTJAX_DATA_DIR"
 
 
@@ -34,7 +34,7 @@ class Field:
       name: the key.
       default: its value in a new config; None becomes a placeholder of type ``kind``, so
         ``--config.data.<name>=...`` can still set it on a locked config.
-      doc: what it means (the README table shows this text).
+      doc: what it means (the table in docs/data.md shows this text).
       kind: the type of a None default.
     """
 

@@ -50,7 +50,8 @@ def tpu_devices(topology: str = "v5e:2x4", chips_per_host_bounds: Sequence[int] 
     ``chips_per_host_bounds`` splits the slice over hosts: ``'v5e:4x4'`` with ``(2, 4, 1)`` is two
     hosts of 8 chips (each device's ``process_index`` tells its host). Needs ``libtpu``.
     """
-    # libtpu takes a process-wide lock file (parallel test workers each load it) and logs to /tmp.
+    # libtpu takes a process-wide lock file (parallel test workers each load it) and writes logs to
+    # the system temp folder unless told otherwise.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_LOG_DIR", os.path.join(tempfile.gettempdir(), "wtjax_tpu_logs"))
     from jax.experimental import topologies

@@ -4,7 +4,7 @@ A *study* is a folder holding ``study.py`` with two functions:
 
 * ``runs(scale) -> list[Run]``: the sweep, as data. A :class:`Run` is exactly a
   ``python -m wtjax.main`` command (config file, config argument, ``--config.*`` overrides).
-  ``scale`` names a setting of the study (``'cpu'``: what a 2-core machine affords;
+  ``scale`` names a setting of the study (``'cpu'``: what a small CPU machine affords;
   ``'paper'``: the paper's widths, data and epochs).
 * ``aggregate(results, out_dir, scale)``: turns the finished runs' results (dicts, see
   :func:`collect`) into a markdown table and plots in ``out_dir``.
