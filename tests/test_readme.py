@@ -43,12 +43,6 @@ def _ci_command(pattern: str) -> list[str]:
     return shlex.split(line)
 
 
-def test_readme_install_is_what_ci_installs():
-    ci = _ci_command(r"pip install")
-    readme = shlex.split(_block(_section("Install"), "bash").strip())
-    assert readme == ci[ci.index("pip") :], f"README installs {readme}, .ci/run {ci}"
-
-
 def test_readme_test_command_is_what_ci_runs():
     """The README's one-line test command = .ci/run's exported environment + its pytest line."""
     script = (ROOT / ".ci" / "run").read_text()
