@@ -123,7 +123,11 @@ class TwoTies(nn.Module):
         outs = []
         for scope, seed in zip(self.scopes, self.seeds, strict=True):
             t = Tied(
-                DenseBlock(), depth=K, mask_mode="multi", mask=MaskSpec(density=0.5, seed=seed), mask_scope=scope
+                DenseBlock(),
+                depth=K,
+                mask_mode="multi",
+                mask=MaskSpec(density=0.5, seed=seed),
+                mask_scope=scope,
             )
             outs.append(t(jnp.zeros_like(x), x))
         return outs

@@ -77,7 +77,9 @@ class Tied(nn.Module):
             @nn.compact
             def __call__(self, x):
                 x = nn.Dense(64)(x)
-                x = Tied(MyBlock(64), depth=8, mask_mode="multi", mask=MaskSpec(density=0.5))(x)
+                tie = Tied(MyBlock(64), depth=8, mask_mode="multi", mask=MaskSpec(density=0.5),
+                           mask_scope="tie")
+                x = tie(x)
                 return nn.Dense(10)(x)
 
     ``tie(z, ...)`` returns the final state; ``tie.trajectory(z, ...)`` returns ``(z_K, zs)`` with
