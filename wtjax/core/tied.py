@@ -83,7 +83,10 @@ class Tied(nn.Module):
                 return nn.Dense(10)(x)
 
     ``tie(z, ...)`` returns the final state; ``tie.trajectory(z, ...)`` returns ``(z_K, zs)`` with
-    the state after every reuse (e.g. for representation analyses).
+    the state after every reuse (e.g. for representation analyses). ``init``/``init_with_output``
+    return what ``apply`` returns with the parameters they made (in ``same``/``multi`` modes the
+    masked pass runs after the unmasked one that creates the parameters; ``stored`` masks do not
+    exist yet at init and ``dropout`` draws none there: both run unmasked).
 
     Attributes:
       block: the Linen module to reuse (its parameters live under ``<this>/block``).
@@ -220,7 +223,9 @@ class Tied(nn.Module):
                     spin.init_storage(own, z, args)
             extras = spin.transform_params(self, self.variables["params"]["block"])
         use_dropout = self.mask_mode == "dropout" and not deterministic
-        blocks = None if self.scan else [own] * depth if self.shared else self._unrolled_blocks(depth)
+        blocks = None  # the Python loop's blocks: the one shared block, or one per layer
+        if not self.scan:
+            blocks = [own] * depth if self.shared else self._unrolled_blocks(depth)
         run = functools.partial(
             self._run, own=own, blocks=blocks, z=z, depth=depth, args=args, keep=keep_states
         )
