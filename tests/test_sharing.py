@@ -137,6 +137,7 @@ class Net(nn.Module):
             weight_map=self.weight_map,
             scan=self.scan,
             shared=self.shared,
+            mask_scope="tied",
             name="tied",
             **dict(self.opts),
         )

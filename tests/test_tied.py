@@ -46,6 +46,7 @@ class Net(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             shared=self.shared,
+            mask_scope="tied",  # the mask identity the definition below hashes
             name="tied",
         )
         run = tied.trajectory if return_intermediates else tied
@@ -364,6 +365,7 @@ class CheckpointedNet(nn.Module):
             mask_mode="multi",
             mask=MaskSpec(density=0.5, seed=3),
             checkpoint_every=self.checkpoint_every,
+            mask_scope="tied",
             name="tied",
         )
         return (tied.trajectory if return_intermediates else tied)(jnp.zeros_like(x), x)

@@ -25,13 +25,13 @@ For a model and its parameters this module reports:
   ``mask_mode='dense'``, since masked weights are multiplied densely (mask generation would only
   add element-wise work); the FLOPs are those of the dense computation.
 
-Tied-block discovery: the model's ``init`` is traced once under :func:`jax.eval_shape` with a Flax
-method interceptor (:func:`flax.linen.intercept_methods`) that records every
-:class:`~wtjax.core.tied.Tied` call: its module path, the depth it ran, its mask mode and spec and
-whether it is shared. Its block's parameters are then the subtree ``<path>/block`` of ``params``
-(``<path>/block_i`` for an unrolled not-tied stack). This finds ties under any name, in any
-model, including user models, and reads the mask settings from the modules themselves instead of
-matching names.
+Tied-block discovery (:func:`wtjax.core.mask_sites.find_ties`): the model's ``init`` is traced once
+under :func:`jax.eval_shape` with a Flax method interceptor (:func:`flax.linen.intercept_methods`)
+that records every :class:`~wtjax.core.tied.Tied` call: its module path, the depth it ran, its mask
+mode, spec and scope and whether it is shared. Its block's parameters are then the subtree
+``<path>/block`` of ``params`` (``<path>/block_i`` for an unrolled not-tied stack). This finds
+ties under any name, in any model, including user models, and reads the mask settings from the
+modules themselves instead of matching names.
 """
 
 from __future__ import annotations
@@ -45,32 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from wtjax.core.mask_sites import TiedSite, find_ties  # noqa: F401 (TiedSite: part of this API)
 from wtjax.core.masks import MaskSpec, kept_count, masks_for
-from wtjax.core.tied import Tied
 
 Path = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class TiedSite:
-    """One :class:`Tied` module found in a model.
-
-    Attributes:
-      path: the module path (e.g. ``('stage2_tied',)``); its block's parameters live at
-        ``path + ('block',)``.
-      depth: reuses K it ran in the traced call (a per-call ``depth=`` override included).
-      mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored``.
-      mask: its :class:`MaskSpec`.
-      shared: ``True`` for a tie, ``False`` for a not-tied stack.
-      weight_map: SPIN's layer-to-weight map (``None``: one shared set).
-    """
-
-    path: Path
-    depth: int
-    mask_mode: str
-    mask: MaskSpec
-    shared: bool
-    weight_map: tuple[int, ...] | None = None
 
 
 def count_params(tree) -> int:
@@ -93,31 +71,9 @@ def find_tied(
       call_kwargs: keyword arguments of the model call (e.g. ``{'depth': 4}``).
 
     Returns:
-      The tied sites in call order, one per module path.
+      The tied sites in call order, one per module path (:func:`wtjax.core.mask_sites.find_ties`).
     """
-    sites: dict[Path, TiedSite] = {}
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        is_run = context.method_name in ("__call__", "trajectory")
-        if isinstance(module, Tied) and is_run and module.path not in sites:
-            depth = kwargs.get("depth")
-            sites[module.path] = TiedSite(
-                path=tuple(module.path),
-                depth=int(module.depth if depth is None else depth),
-                mask_mode=module.mask_mode,
-                mask=module.mask,
-                shared=module.shared,
-                weight_map=getattr(module, "weight_map", None),
-            )
-        return next_fun(*args, **kwargs)
-
-    def init(key, images):
-        with nn.intercept_methods(record):
-            return model.init(key, images, **(call_kwargs or {}))
-
-    jax.eval_shape(init, jax.random.PRNGKey(0), _image_struct(image_shape))
-    return list(sites.values())
+    return find_ties(model, _image_struct(image_shape), **(call_kwargs or {}))
 
 
 def _subtree(params, path: Path):
@@ -139,14 +95,14 @@ def _kept(spec: MaskSpec, size: int) -> int:
     return kept_count(size, spec.density)
 
 
-def _generated_masks(block, site: TiedSite, block_path: Path) -> list[dict]:
+def _generated_masks(block, site: TiedSite) -> list[dict]:
     """The masks of ``same``/``multi`` reuses, made by the call :class:`Tied` makes."""
     # masks_for needs only shapes; materialise zeros so ShapeDtypeStructs work too.
     zeros = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, np.float32), block)
     reuses = range(site.depth) if site.mask_mode == "multi" else range(1)
-    # Same call as the tie's MaskView: masks hash the shared weight's path "<tied>/block/...".
+    # Same call as the tie's MaskView: masks hash the tie's mask identity "<mask_scope>/block/...".
     return [
-        {p: np.asarray(m) for p, m in masks_for(zeros, site.mask, k, scope=block_path).items()}
+        {p: np.asarray(m) for p, m in masks_for(zeros, site.mask, k, scope=site.mask_path).items()}
         for k in reuses
     ]
 
@@ -210,7 +166,7 @@ def tied_site_accounting(params, site: TiedSite, masks=None) -> dict:
             return info
         per_reuse = _stored_masks(_subtree(params, block_path), masks, site)
     else:
-        per_reuse = _generated_masks(_subtree(params, block_path), site, block_path)
+        per_reuse = _generated_masks(_subtree(params, block_path), site)
         info["mask"] = {"kind": site.mask.kind, "density": site.mask.effective_density}
     info.update(_masked_counts(stored, per_reuse, site))
     return info

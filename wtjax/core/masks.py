@@ -1,11 +1,14 @@
 """Static sparse masks generated on the fly from seeds (never stored).
 
-Every mask is a pure function of ``(seed, reuse index, parameter path)``::
+Every mask is a pure function of ``(seed, reuse index, hashed path)``::
 
     key = fold_in(fold_in(PRNGKey(seed), path_id(path)), reuse_index)
 
 so masks are identical across calls, processes, restarts and devices, and independent of the
-order in which layers were built (CapaBoost's shared NumPy RNG is not). Two kinds:
+order in which layers were built (CapaBoost's shared NumPy RNG is not). For a tie the hashed path
+is :func:`tie_mask_path` of its explicit ``mask_scope`` followed by the leaf's path inside the block
+(e.g. ``('tied', 'block', 'dense', 'kernel')``), never the module path: renaming, nesting or
+wrapping a trained tie (a Linen parent, ``nnx.bridge``, the NNX front end) keeps its masks. Two kinds:
 
 * ``unstructured``: exactly ``round(density * n)`` kept entries per tensor and reuse (the
   paper's "equal per layer"), positions uniform without replacement; at least one, so a small
@@ -39,6 +42,22 @@ Path = tuple[str, ...]
 def path_id(path: Sequence[str]) -> int:
     """A stable 31-bit id of a parameter path (CRC32 of ``'a/b/c'``), independent of Python's hash seed."""
     return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+
+
+def tie_mask_path(mask_scope: str | None) -> Path:
+    """The prefix a tie hashes before each block leaf's path: ``(*mask_scope.split('/'), 'block')``.
+
+    ``None`` gives ``('block',)`` (what a top-level tie hashed when masks followed the module
+    path, so such ties keep their masks). A model family passes its tie's name as the scope, which
+    keeps the masks of the models the training job built (the family is the top-level module).
+    """
+    if mask_scope is None:
+        return ("block",)
+    if not isinstance(mask_scope, str) or not all(mask_scope.split("/")):
+        raise ValueError(
+            f"mask_scope must be None or a non-empty 'a/b' string without empty parts, got {mask_scope!r}"
+        )
+    return (*mask_scope.split("/"), "block")
 
 
 def mask_key(seed: int, reuse_index: int | jax.Array, path: Sequence[str]) -> jax.Array:

@@ -13,6 +13,11 @@ Variable collections (decided once, here):
 * masks are **per reuse** and **never stored** (except ``mask_mode='stored'``, the ``masks``
   collection): each reuse sees the parameters through a view that multiplies the selected
   kernels by a mask made inside the scan step from ``fold_in(fold_in(seed, path), reuse_index)``.
+  ``path`` is the tie's explicit ``mask_scope``, ``'block'`` and the leaf's path in the block
+  (:func:`wtjax.core.masks.tie_mask_path`), *not* the module path: a trained tie keeps its masks,
+  hence its function, when it is renamed, nested in another module or wrapped (``nnx.bridge``).
+  Several masked ties in one model need distinct scopes (or seeds):
+  :func:`wtjax.core.mask_sites.mask_sites` finds a clash.
 * the carried state ``z`` is the only thing passed from one reuse to the next; extra positional
   arguments (e.g. an input injection ``x``) are broadcast to every reuse.
 * ``dropout`` RNGs are split per reuse. Collections that would need per-reuse *statistics*
@@ -46,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wtjax.core.masks import MaskSpec
+from wtjax.core.masks import MaskSpec, tie_mask_path
 from wtjax.core.spin.view import SpinView
 from wtjax.core.views import MaskView
 
@@ -72,17 +77,28 @@ class Tied(nn.Module):
             @nn.compact
             def __call__(self, x):
                 x = nn.Dense(64)(x)
-                x = Tied(MyBlock(64), depth=8, mask_mode="multi", mask=MaskSpec(density=0.5))(x)
+                tie = Tied(MyBlock(64), depth=8, mask_mode="multi", mask=MaskSpec(density=0.5),
+                           mask_scope="tie")
+                x = tie(x)
                 return nn.Dense(10)(x)
 
     ``tie(z, ...)`` returns the final state; ``tie.trajectory(z, ...)`` returns ``(z_K, zs)`` with
-    the state after every reuse (e.g. for representation analyses).
+    the state after every reuse (e.g. for representation analyses). ``init``/``init_with_output``
+    return what ``apply`` returns with the parameters they made (in ``same``/``multi`` modes the
+    masked pass runs after the unmasked one that creates the parameters; ``stored`` masks do not
+    exist yet at init and ``dropout`` draws none there: both run unmasked).
 
     Attributes:
       block: the Linen module to reuse (its parameters live under ``<this>/block``).
       depth: number of reuses K at training time, an int >= 1 (override per call with ``depth=``).
       mask_mode: ``dense``, ``same``, ``multi``, ``dropout`` or ``stored`` (:mod:`wtjax.core.views`).
       mask: which parameters are masked and how (:class:`wtjax.core.masks.MaskSpec`).
+      mask_scope: the mask identity of this tie, ``None`` or an ``'a/b'`` string: generated masks
+        hash ``(*mask_scope.split('/'), 'block', *leaf_path)`` (``('block', *leaf_path)`` for
+        ``None``), never the module path, so renaming or nesting the tie keeps its masks. Give
+        each masked tie of a model its own scope (the model families pass the tie's name);
+        two ties with one scope and seed draw the same masks (:func:`wtjax.core.mask_sites.mask_sites`
+        reports it).
       scan: ``True`` compiles one loop body with ``nn.scan``; ``False`` is a plain Python loop
         over the same submodule, the reference the scan is tested against (compile time grows
         with depth).
@@ -126,6 +142,7 @@ class Tied(nn.Module):
     depth: int
     mask_mode: str = "dense"
     mask: MaskSpec = MaskSpec()
+    mask_scope: str | None = None
     scan: bool = True
     remat_policy: str | None = None
     checkpoint_every: int | str | None = None
@@ -139,6 +156,7 @@ class Tied(nn.Module):
 
     def __post_init__(self):
         self._mask_view()  # validates mask_mode and dtype
+        tie_mask_path(self.mask_scope)  # validates the scope
         check_depth(self.depth, "at construction")
         if self.weight_map is not None:
             object.__setattr__(self, "weight_map", self._spin_view().weight_map)  # canonical tuple
@@ -205,7 +223,26 @@ class Tied(nn.Module):
                     spin.init_storage(own, z, args)
             extras = spin.transform_params(self, self.variables["params"]["block"])
         use_dropout = self.mask_mode == "dropout" and not deterministic
-        step = self._step(extras, use_dropout, keep_states)
+        blocks = None  # the Python loop's blocks: the one shared block, or one per layer
+        if not self.scan:
+            blocks = [own] * depth if self.shared else self._unrolled_blocks(depth)
+        run = functools.partial(
+            self._run, own=own, blocks=blocks, z=z, depth=depth, args=args, keep=keep_states
+        )
+        out = run(self._step(extras, use_dropout, keep_states, create=True))
+        if self.is_initializing() and self.weight_map is None and self.mask_mode in ("same", "multi"):
+            # The parameters were just created by an unmasked pass (nn.scan forbids broadcast
+            # variables that depend on the scan body). Run once more through the masks, reading
+            # them, so that init returns what apply returns with the parameters it made.
+            out = run(self._step(extras, use_dropout, keep_states, create=False))
+        return out
+
+    def _unrolled_blocks(self, depth: int) -> list:
+        """The ``depth`` separate submodules ``block_0 .. block_{K-1}`` of a not-tied Python loop."""
+        return [self.block.clone(parent=self, name=f"block_{i}") for i in range(depth)]
+
+    def _run(self, step, *, own, blocks, z, depth, args, keep):
+        """``depth`` reuses of ``step``: the (checkpointed) scan over ``own`` or the loop over ``blocks``."""
         if self.scan and self.checkpoint_every is not None and not self.is_initializing():
             segment = segment_length(self.checkpoint_every, depth)
             return _checkpointed_scan(step, own, z, depth, segment, args)
@@ -213,23 +250,23 @@ class Tied(nn.Module):
             axes = _TIED_SCAN if self.shared else _NOT_TIED_SCAN
             unroll = default_unroll(depth) if self.unroll is None else self.unroll
             return _scan_reuses(step, own, z, 0, depth, args, unroll=unroll, axes=axes)
-        if self.shared:
-            blocks = [own] * depth
-        else:
-            blocks = [self.block.clone(parent=self, name=f"block_{i}") for i in range(depth)]
         states = []
         for i, block in enumerate(blocks):
             z, state = step(block, z, jnp.asarray(i), *args)
             states.append(state)
-        return z, (jnp.stack(states) if keep_states else None)
+        return z, (jnp.stack(states) if keep else None)
 
-    def _step(self, extras, use_dropout: bool, keep_states: bool):
-        """One reuse ``(block, z, reuse_index, *args) -> (z, z or None)``, rematerialised if asked."""
+    def _step(self, extras, use_dropout: bool, keep_states: bool, create: bool = True):
+        """One reuse ``(block, z, reuse_index, *args) -> (z, z or None)``, rematerialised if asked.
+
+        ``create``: at init, run the block unmasked (the pass that creates its parameters);
+        ``False`` always runs it through the view (init's second pass, reading them).
+        """
 
         def step(block, z, reuse_index, *args):
             z_in = z
             with self._no_state(block):
-                if block.is_initializing() and self.weight_map is None:
+                if create and block.is_initializing() and self.weight_map is None:
                     # Parameters are created unmasked (and nn.scan forbids broadcast variables that
                     # depend on the scan body, which a masked view at init would be).
                     z = block(z, *args)
@@ -292,8 +329,8 @@ class Tied(nn.Module):
         spin = self._spin_view()
         if spin is not None:
             params = spin.select(params, reuse_index, extras)
-        # Generated masks hash the path of the shared weight ("<tied>/block/..."), in every mode.
-        scope = self.path + ("block",)
+        # Generated masks hash the explicit mask identity ("<mask_scope>/block/..."), not self.path.
+        scope = tie_mask_path(self.mask_scope)
         masked = self._mask_view()(params, variables.get("masks"), reuse_index, dropout_rng, scope)
         return {**variables, "params": masked}
 

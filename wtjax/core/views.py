@@ -5,8 +5,8 @@ made inside the scan step and never stored, except in the ``stored`` mode. Modes
 
 * ``dense``: no mask;
 * ``same``: the reuse-0 mask at every reuse;
-* ``multi``: a distinct mask per reuse, from ``fold_in(fold_in(seed, path), reuse_index)``
-  (:mod:`wtjax.core.masks`);
+* ``multi``: a distinct mask per reuse, from ``fold_in(fold_in(seed, path), reuse_index)`` with
+  ``path`` the tie's ``mask_scope``, ``'block'`` and the leaf's path (:mod:`wtjax.core.masks`);
 * ``dropout``: a fresh Bernoulli weight mask per reuse and step at rate ``1 - density``, inverted
   scaling, off when there is no ``dropout`` RNG (evaluation): the paper's dropout baseline;
 * ``stored``: masks given, not generated (e.g. scored by a pruning-at-initialisation method), as
@@ -99,7 +99,8 @@ class MaskView:
           masks: the ``masks`` collection (``stored`` mode only).
           reuse_index: the reuse (a traced int inside a scan).
           dropout_rng: the reuse's ``dropout`` key, or ``None`` (``dropout`` mode off).
-          scope: the path of the shared weights, ``<tie path>/block``; generated masks hash it.
+          scope: the hashed prefix of the shared weights' paths (:func:`wtjax.core.masks.tie_mask_path`
+            of the tie's ``mask_scope``, e.g. ``('tied', 'block')``); generated masks hash it.
         """
         dtype = precision.layer_dtype(self.dtype)
         if self.mode == "dense" or not params:

@@ -31,7 +31,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wtjax.job import checkpointing, hooks, metrics, optim, parallel, preemption, resume, steps, workdir_lock
+from wtjax.job import (
+    checkpointing,
+    hooks,
+    mask_record,
+    metrics,
+    optim,
+    parallel,
+    preemption,
+    resume,
+    steps,
+    workdir_lock,
+)
 from wtjax.job import config as config_schema
 from wtjax.job.state import TrainState
 
@@ -97,6 +108,10 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack) -> dict:
     # 3. Model, optimizer, hooks.
     image_shape = run.dataset.image_shape
     model = config_schema.model_from_config(config.model, run.dataset.num_classes)
+    # Two ties drawing the same masks, or masks other than the run's checkpoints were trained
+    # with, stop the job here (:mod:`wtjax.job.mask_record`).
+    allow = config.resume_despite_changes
+    mask_record.check(run.workdir, model, image_shape, write=run.main, allow_change=allow, log=run.log)
     tx, schedule = optim.create_optimizer(config.optim, run.total_steps, run.steps_per_epoch)
     key = jax.random.PRNGKey(config.seed)
     params_key, dropout_key = jax.random.fold_in(key, PARAMS_SEED), jax.random.fold_in(key, DROPOUT_SEED)

@@ -271,7 +271,7 @@ class DEQBase(nn.Module):
             raise ValueError(f"unknown grad mode {self.grad!r}; choose one of {GRAD_MODES}")
         if self.is_initializing():
             # Creates tied/block exactly as the weight-tied model does: the parameter trees coincide.
-            Tied(self._block(), depth=self.depth, name="tied")(jnp.zeros_like(x), x)
+            Tied(self._block(), depth=self.depth, mask_scope="tied", name="tied")(jnp.zeros_like(x), x)
         p = self.variables["params"]["tied"]["block"]
         needs_key = train and ((self.monitor_backward and self.grad == "ift") or self.jac_weight > 0)
         key = self.make_rng("dropout") if needs_key else jax.random.key(0)

@@ -21,7 +21,7 @@ Choices (stated because the paper does not give them):
   through :class:`wtjax.core.tied.Tied`, with the usual mask modes; the tie's depth is the number of
   blocks it replaces (``blocks_per_stage - 1``). The first block of stage 1 keeps its own weight
   too (it does not downsample), so every stage has the same structure. The three tied stages get
-  different masks from one seed (masks hash each stage's path). ``not_tied`` is the plain
+  different masks from one seed (each tie's ``mask_scope`` is its name). ``not_tied`` is the plain
   (explicit) ResNet through ``Tied(..., shared=False)``.
 
 Parameter count (3x3 convs without bias, ``w`` base width, ``c`` classes, ``m`` = 1 tied or

@@ -70,6 +70,9 @@ class TiedModel(nn.Module):
             depth=depth,
             mask_mode="dense" if self.form == "not_tied" else self.mask_mode,
             mask=self.mask,
+            # The tie's name is its mask identity: the masks the family's models have always had
+            # (the family is the top-level module) and no longer depend on where it is nested.
+            mask_scope=name,
             scan=self.scan,
             unroll=self.unroll,
             remat_policy=self.remat_policy,

@@ -40,6 +40,7 @@ def load_run(workdir: str | Path):
 
     from wtjax.data import pipeline as input_pipeline
     from wtjax.job import config as config_schema
+    from wtjax.job import mask_record
     from wtjax.methods import pruning
 
     workdir = Path(workdir)
@@ -49,6 +50,7 @@ def load_run(workdir: str | Path):
     config = config_dict.ConfigDict(json.loads(config_file.read_text()))
     dataset = input_pipeline.create_dataset(config.data, seed=config.seed)
     model = config_schema.model_from_config(config.model, dataset.num_classes)
+    mask_record.check(workdir, model, dataset.image_shape, write=False)  # the masks it was trained with
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = _newest_sound_step(manager.all_steps(), workdir / "checkpoints")
     state = manager.restore(step, args=ocp.args.StandardRestore())
