@@ -149,7 +149,6 @@ def _anchors(doc: Path) -> set[str]:
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Pages another branch is writing at the same time (linked already); checked like any other once
 # they exist. Remove an entry when its branch is merged.
-WRITTEN_ELSEWHERE = {ROOT / "docs" / "nnx.md"}  # branch i17-nnx
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_name)
@@ -163,7 +162,7 @@ def test_relative_links_resolve(doc):
             continue  # https:, mailto:
         path, _, anchor = target.partition("#")
         file = (doc.parent / path).resolve() if path else doc
-        if not file.exists() and file not in WRITTEN_ELSEWHERE:
+        if not file.exists():
             problems.append(f"{target}: no file {file}")
         elif anchor and file.exists() and file.suffix == ".md" and anchor not in _anchors(file):
             problems.append(f"{target}: no heading #{anchor} in {file.name}")
