@@ -183,6 +183,8 @@ def test_aggregation_helpers():
 def test_every_study_run_builds_a_valid_config_at_both_scales(study):
     for scale in ("cpu", "paper"):
         runs = sweep.load_study(study).runs(scale)
+        if not runs and scale == "cpu":
+            continue  # a paper-scale-only study (ImageNet32, ViT-B/16): nothing runs on the CPU
         assert runs and len({r.id for r in runs}) == len(runs)
         assert {r.tags["seed"] for r in runs} >= {0, 1, 2}  # at least three seeds everywhere
         for run in runs:
@@ -201,7 +203,7 @@ def test_committed_tables_are_generated_from_the_committed_results(study, tmp_pa
     assert not missing, f"runs without a committed result: {missing}"
     module.aggregate(sweep.load_results(runs, "cpu", RESULTS), tmp_path, "cpu")
     tables = sorted(tmp_path.glob("*.md"))
-    assert tables and list(tmp_path.glob("*.png"))
+    assert tables and (list(tmp_path.glob("*.png")) or not runs)  # no runs: a table saying so
     for table in tables:
         assert table.read_text() == (study / table.name).read_text(), f"rerun the aggregation of {study.name}"
 
