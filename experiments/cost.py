@@ -71,9 +71,9 @@ def cost_table(runs: Sequence[sweep.Run]) -> str:
         total += c["a100_hours"] * len(rs)
         lines.append(
             f"| `{name}` (x{len(rs)}) | {c['forward_flops'] / 1e9:.2f} | {c['train_flops']:.2e} | "
-            f"{c['a100_hours']:.1f} |"
+            f"{c['a100_hours']:.3g} |"
         )
-    lines.append(f"\nTotal: {total:,.0f} A100-hours at {ASSUMED_MFU:.0%} of the 312 TFLOP/s bf16 peak.")
+    lines.append(f"\nTotal: {total:.3g} A100-hours at {ASSUMED_MFU:.0%} of the 312 TFLOP/s bf16 peak.")
     return "\n".join(lines) + "\n"
 
 
