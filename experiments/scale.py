@@ -55,7 +55,9 @@ SCALES = {
         epochs=150.0,
         deq_epochs=50.0,  # Appendix C: 50 epochs for the single-stream DEQ, batch 64
         deq_batch_size=64,
-        deq_iters=(18, 20),  # MDEQ's CIFAR budget (cls_mdeq_LARGE.yaml F_THRES / B_THRES)
+        # MDEQ's CIFAR budget (cls_mdeq_LARGE.yaml F_THRES / B_THRES; MDEQ-Tiny uses 30 / 30), for
+        # both DEQ variants (the phantom-gradient one uses the forward budget only).
+        deq_iters=(18, 20),
         train_images=50_000,
         overrides={**JOB, "batch_size": 128},
     ),

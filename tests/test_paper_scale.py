@@ -4,16 +4,17 @@ Each run is loaded as the sweep loads it (:func:`wtjax.tools.sweep.load_config`:
 argument and overrides), then only its data source is swapped for a tiny synthetic one with the
 real data's number of classes and channels (small images, 4 training examples), and its length
 for 2 steps at batch 2 on one device. Everything else, the model, the optimiser and its schedule,
-pruning and LoRA, is the run's own. Two levels, because ~120 distinct definitions at ~10-30 s
-each (compiling under load on 2 shared cores) do not fit in the suite:
+pruning and LoRA, is the run's own. Two levels, because the 146 distinct definitions (of 471
+runs) at 5-100 s each (compiling on 2 shared cores) do not fit in the suite:
 
 * every distinct definition (runs differing only in seed, epochs or batch size count once) builds
   its model, optimiser and schedule and initialises the model abstractly (``jax.eval_shape``),
   which catches bad values (a width the GroupNorm groups or the 2:4 masks do not divide, an
   unknown key, a missing pretrained file);
-* one definition of each *kind* of run (config file, model, tying form, mask mode and kind,
-  optimiser, schedule, pruning method, LoRA kind, DEQ gradient), the one with the fewest
-  parameters, trains 2 real steps through the training job and evaluates.
+* one definition of each *kind* of run (:func:`kind`: config file, model, data loader, optimiser
+  and schedule, DEQ gradient, pruning, LoRA kind; 22 kinds), the one with the smallest model,
+  trains 2 real steps through the training job and evaluates. The models' own code paths (mask
+  modes, tying forms, pruning scorers) have their own tests.
 """
 
 from __future__ import annotations
