@@ -14,14 +14,21 @@ id and is trained once.
   non-holdout training images, batch 128, base width 32, 6 epochs, evaluated on the same 5,000-image
   holdout once per epoch. About half an hour per ResNet-like run at K = 4 on an idle 2-core machine;
   only ``experiments/central_claim_32px`` uses it, as a sweep resumed across sessions.
-* ``paper``: the paper's recipe: tfds ``cifar10`` at 32x32, all 50,000 training images, the
-  official test split, batch 128, 150 epochs (50 for DEQs, the paper's Appendix C), base width 64.
+* ``paper``: the paper's setting (Appendix C): tfds ``cifar10`` at 32x32, all 50,000 training
+  images, the official test split; the ResNet recipe (Adam, lr 1e-3, cosine, weight decay 2.5e-6)
+  at batch 128 for 150 epochs; DEQs and the weight-tied models compared with them (Fig. 2 /
+  Table 1a) with the DEQ's recipe at batch 64 for 50 epochs; DEQ solver budgets of MDEQ's CIFAR-10
+  code (locuslab/mdeq ``experiments/cifar/cls_mdeq_LARGE.yaml``: Broyden, 18 forward / 20 backward
+  iterations). The paper's Small / Large ResNet widths (Tables 1b and 2) are 44 / 172
+  (:data:`SIZES`: the widths whose parameter counts are its 35k / 0.53M). The paper gives no width
+  for Figures 2 and 5-8: base width 64 is our choice (not the paper's).
 """
 
 from __future__ import annotations
 
 import os
 
+from wtjax.models.resnet_like import SIZES  # noqa: F401 (for the studies: the paper's Small / Large widths 44 / 172)
 from wtjax.tools.sweep import Run
 
 SEEDS = (0, 1, 2)
@@ -33,6 +40,8 @@ SCALES = {
         base_width=16,
         epochs=2.0,
         deq_epochs=2.0,
+        deq_batch_size=64,
+        deq_iters=(12, 12),  # forward / backward solver iterations (fewer than the DEQ papers')
         train_images=10_000,
         overrides={
             **JOB,
@@ -60,9 +69,13 @@ SCALES = {
         },
     ),
     "paper": dict(
-        base_width=64,
+        base_width=64,  # the paper is silent on it (Figs 2, 5-8): our choice
         epochs=150.0,
-        deq_epochs=50.0,
+        deq_epochs=50.0,  # Appendix C: 50 epochs for the single-stream DEQ, batch 64
+        deq_batch_size=64,
+        # MDEQ's CIFAR budget (cls_mdeq_LARGE.yaml F_THRES / B_THRES; MDEQ-Tiny uses 30 / 30), for
+        # both DEQ variants (the phantom-gradient one uses the forward budget only).
+        deq_iters=(18, 20),
         train_images=50_000,
         overrides={**JOB, "batch_size": 128},
     ),
@@ -105,6 +118,8 @@ def resnet_run(
     form: str = "tied",
     epoch_factor: float = 1.0,
     recipe: str = "adam",
+    width_abs: int | None = None,
+    deq_matched: bool = False,
 ) -> Run:
     """The ResNet-like model of ``configs/cifar_resnet.py`` at scale ``name``.
 
@@ -112,21 +127,31 @@ def resnet_run(
     ``form='not_tied'``: K independent dense blocks. ``epoch_factor`` stretches training (the
     equal-FLOP runs of Figure 7). ``recipe='sgd'``: the phantom-gradient DEQ's optimiser (SGD lr
     0.2, weight decay 1e-4; the paper trains the weight-tied model of each DEQ comparison with the
-    DEQ's recipe) instead of the paper's Adam. Masks are drawn from the run seed.
+    DEQ's recipe) instead of the paper's Adam. ``width_abs``: this width instead of the scale's
+    base width times ``width_factor`` (the paper's Small / Large: :data:`SIZES`).
+    ``deq_matched``: the DEQ's epochs and batch size (Appendix C: "the training parameters of the
+    weight-tied models are fixed to be of the same values as their corresponding DEQ models").
+    Masks are drawn from the run seed.
     """
     s = scale(name)
     if mode == "dense" or form == "not_tied":
         density, kind = 1.0, "unstructured"
         mode = "dense"
-    epochs = round(s["epochs"] * epoch_factor, 3)
-    w = width(name, width_factor)
+    base_epochs = s["deq_epochs"] if deq_matched else s["epochs"]
+    epochs = round(base_epochs * epoch_factor, 3)
+    w = width(name, width_factor) if width_abs is None else int(width_abs)
+    if width_abs is not None:
+        width_factor = w / s["base_width"]
     arg = (
         f"width={w},depth={depth},form={form},mask_mode={mode},density={density},"
         f"mask_kind={kind},epochs={epochs},seed={seed}"
     )
-    kind_tag = "nm" if kind == "nm" else "u"
-    rid = f"resnet_{form}_{mode}_{kind_tag}{density}_w{w}_k{depth}_e{epochs}_s{seed}"
     overrides = {**s["overrides"], "model.mask.seed": seed}
+    batch = s["deq_batch_size"] if deq_matched else overrides["batch_size"]
+    bs_tag = "" if batch == overrides["batch_size"] else f"_bs{batch}"  # a batch other than the scale's
+    overrides["batch_size"] = batch
+    kind_tag = "nm" if kind == "nm" else "u"
+    rid = f"resnet_{form}_{mode}_{kind_tag}{density}_w{w}_k{depth}_e{epochs}{bs_tag}_s{seed}"
     if recipe == "sgd":
         rid = rid.replace("resnet_", "resnet_sgd_", 1)
         overrides.update({"optim.name": "sgd", "optim.learning_rate": 0.2, "optim.weight_decay": 1e-4})
@@ -148,24 +173,30 @@ def resnet_run(
     return Run(rid, "configs/cifar_resnet.py", arg, overrides, tags)
 
 
-def deq_run(name: str, *, seed: int, variant: str = "mdeq", f_iters: int = 12, b_iters: int = 12) -> Run:
+def deq_run(
+    name: str, *, seed: int, variant: str = "mdeq", f_iters: int | None = None, b_iters: int | None = None
+) -> Run:
     """The DEQ of ``configs/cifar_deq.py`` over the same ResNet-like block (base width).
 
     ``mdeq``: implicit differentiation with Broyden and Adam, weight-tied pre-training for the
-    first quarter of training (the paper: 8 of 50 epochs); ``phantom``: phantom gradient, SGD.
+    first 16% of training (the paper's Figure 10: 8 of 50 epochs); ``phantom``: phantom gradient,
+    SGD. Solver budgets default to the scale's ``deq_iters``; batch size to its ``deq_batch_size``.
     """
     s = scale(name)
     w = width(name, 1.0)
     epochs = s["deq_epochs"]
-    pretrain_steps = (
-        int(0.16 * epochs * s["train_images"] / s["overrides"]["batch_size"]) if variant == "mdeq" else 0
-    )
+    f_default, b_default = s["deq_iters"]
+    f_iters = f_default if f_iters is None else f_iters
+    b_iters = b_default if b_iters is None else b_iters
+    batch = s["deq_batch_size"]
+    pretrain_steps = int(0.16 * epochs * s["train_images"] / batch) if variant == "mdeq" else 0
     arg = f"variant={variant},width={w},f_iters={f_iters},b_iters={b_iters},epochs={epochs},seed={seed}"
     overrides = {
         **s["overrides"],
         "model.deq_pretrain_steps": pretrain_steps,
         "model.monitor_backward": False,  # the extra adjoint solve would distort the runtime
     }
+    overrides["batch_size"] = batch  # Appendix C: batch 64 for both DEQ recipes
     rid = f"deq_{variant}_w{w}_f{f_iters}_b{b_iters}_e{epochs}_s{seed}"
     tags = dict(model="deq", variant=variant, width=w, f_iters=f_iters, epochs=epochs, seed=seed)
     return Run(rid, "configs/cifar_deq.py", arg, overrides, tags)

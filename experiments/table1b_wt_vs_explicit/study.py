@@ -35,6 +35,21 @@ ROWS = (  # (model, form, mask mode, width factor): label
     (("resnet_like", "tied", "multi", PAPER_SMALL_WIDTH_FACTOR), "weight-tied, multi-mask 0.5, width 44"),
     (("resnet20", None, None, None), "ResNet-20 small (explicit)"),
 )
+PAPER_ROWS = (  # at the paper scale: (model, form, mask mode, width or ResNet-20 size): label
+    (("resnet_like", "tied", "multi", 64), "weight-tied, multi-mask 0.5, width 64"),
+    (("resnet_like", "tied", "dense", 64), "weight-tied, dense, width 64"),
+    (("resnet_like", "not_tied", "dense", 64), "not tied (explicit), K = 8, width 64"),
+    (("resnet20", None, None, "small"), "ResNet-20 Small (explicit)"),
+    (
+        ("resnet_like", "tied", "multi", sc.SIZES["small"]),
+        "ResNet Small: weight-tied, multi-mask 0.5, width 44",
+    ),
+    (("resnet20", None, None, "large"), "ResNet-20 Large (explicit)"),
+    (
+        ("resnet_like", "tied", "multi", sc.SIZES["large"]),
+        "ResNet Large: weight-tied, multi-mask 0.5, width 172",
+    ),
+)
 
 
 def runs(scale: str):
@@ -43,6 +58,13 @@ def runs(scale: str):
         out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="multi", density=0.5))
         out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="dense"))
         out.append(sc.resnet_run(scale, seed=seed, depth=8, form="not_tied"))
+        if scale == "paper":  # the paper's four ResNet rows: Small and Large (widths 44, 172; ResNet-20
+            # base widths 8, 64), weight-tied multi-mask 0.5 and explicit. The paper says the tied
+            # model "has the same depth as explicit models" without giving K: K = 8 as in Table 1a.
+            for size, w in sc.SIZES.items():
+                out.append(sc.resnet_run(scale, seed=seed, depth=8, mode="multi", density=0.5, width_abs=w))
+                out.append(sc.explicit_run(scale, seed=seed, size=size))
+            continue
         out.append(
             sc.resnet_run(
                 scale, seed=seed, depth=8, mode="multi", density=0.5, width_factor=PAPER_SMALL_WIDTH_FACTOR
@@ -78,10 +100,21 @@ def claims(results, scale):
     ]
 
 
+def _groups(results, scale):
+    """The results grouped by row key, and the rows of the scale."""
+    if scale != "paper":
+        return group(results, "model", "form", "mode", "width_factor"), ROWS
+    g: dict = {}
+    for r in results:
+        t = r["tags"]
+        g.setdefault((t["model"], t.get("form"), t.get("mode"), t.get("width", t.get("size"))), []).append(r)
+    return g, PAPER_ROWS
+
+
 def aggregate(results, out_dir, scale):
-    g = group(results, "model", "form", "mode", "width_factor")
+    g, row_labels = _groups(results, scale)
     rows, bars = [], []
-    for key, label in ROWS:
+    for key, label in row_labels:
         rs = g.get(key, [])
         if not rs:
             continue

@@ -10,8 +10,9 @@ at depth 8 and density 0.5.
         --config.data.data_dir=path/to/cifar10/train --config.data.holdout=5000
 
 Any field can also be set with ``--config.<path>=<value>`` (e.g. ``--config.optim.learning_rate=3e-4``).
-The paper gives no width; 64 is the width of the performance notes (the model's ``size='small'``
-and ``size='large'``, ``wtjax/models/resnet_like.py``, are widths 44 and 172: ``width=44``).
+The paper gives no width for most figures; 64 is the width of the performance notes. Its Small and
+Large ResNet (Tables 1b and 2) are widths 44 and 172 (``wtjax.models.resnet_like.SIZES``: the widths
+whose parameter counts are the paper's 35k and 0.53M).
 """
 
 from wtjax.job import config as cs
