@@ -313,8 +313,8 @@ def test_aggregate_all_tolerates_studies_without_results_claims_or_runs(tmp_path
         "| A study not run at this scale. |  | no runs at scale 'cpu' | (no claims) | [b_none](b_none/) |"
         in text
     )
-    assert "| c_other |  | no scale 'cpu' | — | [c_other](c_other/) |" in text
-    assert "| d_paper |  | no scale 'cpu' | — | [d_paper](d_paper/) |" in text
+    assert "| c_other |  | not run at scale 'cpu' | — | [c_other](c_other/) |" in text
+    assert "| d_paper |  | not run at scale 'cpu' (its scales: paper) | — | [d_paper](d_paper/) |" in text
     # The committed tables of a study at a scale of its own go where `aggregate` puts that scale's.
     assert (root / "a_claims" / "cpu32" / "results.md").read_text() == "0 results at cpu32\n"
     # Results of the study's own scale arrive: a verdict from the paired differences.

@@ -317,13 +317,23 @@ def _title(study, study_dir) -> str:
     return " ".join((study.__doc__ or Path(study_dir).name).strip().split("\n\n")[0].split())
 
 
+def _own_scales(study) -> str:
+    scales = getattr(study, "SCALES", None)
+    return f" (its scales: {', '.join(scales)})" if scales else ""
+
+
 def claim_rows(study_dir: str | Path, scale: str, results_dir: str | Path) -> list[dict]:
     """The claim rows of one study: its ``claims(results, scale)``, or one row saying why none."""
     study = load_study(study_dir)
     found = _study_results(study, scale, results_dir)
     if found is None:
         return [
-            {"claim": _title(study, study_dir), "paper": "", "ours": f"no scale {scale!r}", "verdict": "—"}
+            {
+                "claim": _title(study, study_dir),
+                "paper": "",
+                "ours": f"not run at scale {scale!r}{_own_scales(study)}",
+                "verdict": "—",
+            }
         ]
     results, total = found
     if not hasattr(study, "claims"):
