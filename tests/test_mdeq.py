@@ -1,6 +1,8 @@
 """The multiscale DEQ: reference parameter counts, shapes, the fixed point, gradients, training."""
 
 import math
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from wtjax.models import build_model
 from wtjax.models.deq import METRIC_NAMES
 from wtjax.models.mdeq import MDEQ, flatten_branches, unflatten_branches
 from wtjax.models.mdeq_layers import MDEQHead
+from wtjax.tools import sweep
 
 # Three branches exercise two-level down- and upsampling and the 1x1 stem stage.
 SMALL = dict(size=None, channels=(4, 8, 8), head_channels=(2, 2, 4), final_channels=8, groups=2, depth=3)
@@ -180,3 +183,51 @@ def test_the_config_builds_the_reference_model(arg):
     cs.validate(config)
     model = cs.model_from_config(config.model, num_classes=10)
     assert isinstance(model, MDEQ) and model.size == arg.split(",")[0].split("=")[1]
+
+
+def test_the_docs_example_runs():
+    text = (Path(__file__).parents[1] / "docs" / "implicit_mdeq.md").read_text()
+    code = re.search(r"## A forward pass.*?```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(code, namespace)  # noqa: S102
+    assert namespace["logits"].shape == (2, 10)
+    assert [b.shape for b in namespace["out"]["branches"]] == [(2, 8, 8, 8), (2, 4, 4, 16)]
+
+
+def test_the_fig2_study_lists_mdeq_runs_under_their_own_scale(tmp_path):
+    study = sweep.load_study(Path(__file__).parents[1] / "experiments" / "fig2_table1a_wt_vs_deq")
+    cpu = study.runs("cpu_mdeq")
+    assert {(r.tags["variant"], r.tags["seed"]) for r in cpu} == {
+        (v, s) for v in ("mdeq", "tied") for s in (0, 1, 2)
+    }
+    assert not [r for r in study.runs("cpu") if r.tags["model"] == "mdeq"]  # the cpu table is unchanged
+    paper = [r for r in study.runs("paper") if r.tags["model"] == "mdeq"]
+    assert {r.tags["size"] for r in paper} == {"tiny", "large"} and len(paper) == 18
+    for run in cpu[:2] + paper[:6]:
+        config = sweep.load_config(run)
+        cs.validate(config)
+        assert config.model.name == "mdeq" and config.model.size == run.tags["size"]
+    tiny = sweep.load_config(paper[0])
+    assert (tiny.model.f_max_iter, tiny.model.b_max_iter, tiny.batch_size) == (22, 24, 64)
+
+    # Aggregation of (made-up) results: per-seed accuracies and paired differences.
+    def result(run, acc):
+        summary = {"eval/accuracy": acc, "num_params": 158_986}
+        return {
+            "tags": run.tags,
+            "summary": summary,
+            "median_step_time_s": 2.0 if run.tags["variant"] == "mdeq" else 1.0,
+        }
+
+    accs = {
+        ("mdeq", 0): 0.30,
+        ("mdeq", 1): 0.32,
+        ("mdeq", 2): 0.31,
+        ("tied", 0): 0.33,
+        ("tied", 1): 0.31,
+        ("tied", 2): 0.35,
+    }
+    results = [result(r, accs[r.tags["variant"], r.tags["seed"]]) for r in cpu]
+    study.aggregate(results, tmp_path, "cpu_mdeq")
+    table = (tmp_path / "results_mdeq.md").read_text()
+    assert "| 30.0 / 32.0 / 31.0 |" in table and "| -3.0 / +1.0 / -4.0 |" in table and "| 2.00x |" in table
