@@ -181,7 +181,7 @@ class MultiscaleLayer(nn.Module):
                 dtype=self.dtype,
                 name=f"post{i}_conv",
             )(nn.relu(y))
-            fused.append(group_norm(c, self.groups // 2, self.dtype, name=f"post{i}_gn")(y))
+            fused.append(group_norm(c, max(1, self.groups // 2), self.dtype, name=f"post{i}_gn")(y))
         return tuple(fused)
 
 
