@@ -209,3 +209,32 @@ def explicit_run(name: str, *, seed: int, size: str = "small") -> Run:
     rid = f"resnet20_{size}_e{s['epochs']}_s{seed}"
     tags = dict(model="resnet20", size=size, epochs=s["epochs"], seed=seed)
     return Run(rid, "configs/cifar_resnet20.py", arg, dict(s["overrides"]), tags)
+
+
+def mdeq_run(name: str, *, seed: int, size: str = "tiny", variant: str = "mdeq") -> Run:
+    """The multiscale DEQ of ``configs/cifar_mdeq.py`` (``size`` tiny | large) at scale ``name``.
+
+    ``variant``: ``mdeq`` (implicit gradient, Broyden, Adam), ``phantom`` (phantom gradient, SGD)
+    or ``tied`` (its weight-tied counterpart: the multiscale layer applied 10 times, Adam).
+    Solver budgets are the reference's at every scale (Tiny 22 forward / 24 backward, Large
+    18 / 20): the runs train at the budget they are timed at. ``cpu``: the scale's data and
+    ``deq_epochs``, weight-tied pretraining for the first 16% of the steps (as :func:`deq_run`),
+    no backward monitor (it would distort the runtime). ``paper``: the config's own recipe
+    (the paper's Appendix C: batch 64, 50 epochs Tiny / 220 Large, the reference's pretraining).
+    """
+    s = scale(name)
+    overrides = dict(s["overrides"])
+    if name == "paper":
+        overrides["batch_size"] = 64  # the paper's Appendix C batch for MDEQ (the config's)
+        epochs = None  # the config's: 50 Tiny, 220 Large
+        arg = f"size={size},variant={variant},seed={seed}"
+    else:
+        epochs = s["deq_epochs"]
+        arg = f"size={size},variant={variant},epochs={epochs},seed={seed}"
+        if variant != "phantom":
+            steps = int(0.16 * epochs * s["train_images"] / overrides["batch_size"])
+            overrides["model.deq_pretrain_steps"] = steps
+        overrides["model.monitor_backward"] = False
+    rid = f"mdeq_{size}_{variant}_e{epochs or 'paper'}_s{seed}"
+    tags = dict(model="mdeq", size=size, variant=variant, epochs=epochs, seed=seed)
+    return Run(rid, "configs/cifar_mdeq.py", arg, overrides, tags)

@@ -45,6 +45,10 @@ FAMILIES = {
     "convmixer": (dict(width=8, depth=2, patch_size=2, kernel_size=3, share_rate=1), (8, 8, 3)),
     "vit_shared": (dict(patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2), (8, 8, 3)),
     "deq_cct": (dict(embed_dim=16, num_heads=2, conv_hidden=8, **_DEQ), (8, 8, 3)),
+    "mdeq": (
+        dict(size=None, channels=(4, 4), head_channels=(2, 2), final_channels=8, groups=2, **_DEQ),
+        (8, 8, 3),
+    ),
 }
 # Weights whose matmuls are solver maths and stay float32: monDEQ builds W from A and B.
 SOLVER_WEIGHTS = {"mondeq_fc": ("A", "B"), "mondeq_conv": ("A", "B")}
@@ -90,7 +94,7 @@ def test_bfloat16_matmuls_with_float32_params_and_logits(name):
     exempt = SOLVER_WEIGHTS.get(name, ())
     weight_shapes = {v.shape for p, v in flat.items() if v.ndim >= 2 and not set(p) & set(exempt)}
     for prim, avals in found:
-        if name.startswith(("deq", "mondeq")):
+        if name.startswith(("deq", "mondeq", "mdeq")):
             # Solver maths (Anderson/Broyden, monDEQ splitting) is float32 by design; every matmul
             # or convolution that takes a weight runs in bfloat16.
             if any(a.shape in weight_shapes for a in avals):

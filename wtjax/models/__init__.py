@@ -21,6 +21,7 @@ from wtjax.models.cct import CCT
 from wtjax.models.convmixer import ConvMixer
 from wtjax.models.deq import DEQMLP, DEQResNetLike
 from wtjax.models.deq_cct import DEQCCT
+from wtjax.models.mdeq import MDEQ
 from wtjax.models.mlp import MLP
 from wtjax.models.mondeq import MonDEQConv, MonDEQFC
 from wtjax.models.resnet20 import ResNet20
@@ -41,6 +42,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "convmixer": ConvMixer,
     "vit_shared": SharedViT,
     "deq_cct": DEQCCT,
+    "mdeq": MDEQ,
 }
 
 

@@ -262,6 +262,21 @@ class DEQBase(nn.Module):
             deq_bwd_diverged=f32(jnp.sum(stats.diverged)),
         )
 
+    def _init_state(self, x):
+        """The state the block is initialised with, in the block's own structure (not flattened).
+
+        Single-stream DEQs carry a state shaped like the injection ``x``; the multiscale DEQ
+        overrides this (a tuple of branch states).
+        """
+        return jnp.zeros_like(x)
+
+    def _block_params(self, x):
+        """The block parameters ``tied/block``: created at init (through the tie, exactly as the
+        weight-tied model creates them, so the parameter trees coincide), read afterwards."""
+        if self.is_initializing():
+            Tied(self._block(), depth=self.depth, mask_scope="tied", name="tied")(self._init_state(x), x)
+        return self.variables["params"]["tied"]["block"]
+
     def _solve(self, x, *, train: bool, step, max_iter: int | None):
         """Create (at init) or read the block parameters and run the phase ``step`` selects.
 
@@ -269,10 +284,7 @@ class DEQBase(nn.Module):
         """
         if self.grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {self.grad!r}; choose one of {GRAD_MODES}")
-        if self.is_initializing():
-            # Creates tied/block exactly as the weight-tied model does: the parameter trees coincide.
-            Tied(self._block(), depth=self.depth, mask_scope="tied", name="tied")(jnp.zeros_like(x), x)
-        p = self.variables["params"]["tied"]["block"]
+        p = self._block_params(x)
         needs_key = train and ((self.monitor_backward and self.grad == "ift") or self.jac_weight > 0)
         key = self.make_rng("dropout") if needs_key else jax.random.key(0)
 
