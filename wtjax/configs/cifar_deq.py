@@ -58,10 +58,7 @@ def get_config(arg=None):
         jac_weight=a.jac_weight,
         monitor_backward=a.variant == "mdeq",  # logs deq_bwd_* (an adjoint solve on 8 samples per step)
     )
-    if a.variant == "mdeq":
-        optim = cs.optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6)
-    else:
-        optim = cs.optim_config("sgd", 0.2, schedule="cosine", weight_decay=1e-4)
+    optim = cs.deq_optim(phantom=a.variant != "mdeq")
     return cs.base_config(
         name=f"cifar_deq_{a.variant}_{a.solver}_f{a.f_iters}_b{a.b_iters}_w{a.width}_s{a.seed}",
         seed=a.seed,

@@ -90,10 +90,7 @@ def get_config(arg=None):
         jac_weight=a.jac_weight,
         monitor_backward=a.variant == "mdeq",  # logs deq_bwd_* (an adjoint solve on 8 samples per step)
     )
-    if a.variant == "phantom":
-        optim = cs.optim_config("sgd", 0.2, schedule="cosine", weight_decay=1e-4)
-    else:
-        optim = cs.optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6)
+    optim = cs.deq_optim(phantom=a.variant == "phantom")
     return cs.base_config(
         name=f"cifar_mdeq_{a.size}_{a.variant}_{a.solver}_f{f_iters}_b{b_iters}_s{a.seed}",
         seed=a.seed,

@@ -163,6 +163,14 @@ def paper_cifar_recipe() -> dict:
     )
 
 
+def deq_optim(phantom: bool) -> config_dict.ConfigDict:
+    """``config.optim`` of the DEQ papers' recipes: SGD lr 0.2, weight decay 1e-4 for the
+    phantom-gradient DEQ; otherwise the paper's Adam (lr 1e-3, weight decay 2.5e-6). Both cosine."""
+    if phantom:
+        return optim_config("sgd", 0.2, schedule="cosine", weight_decay=1e-4)
+    return optim_config("adam", 1e-3, schedule="cosine", weight_decay=2.5e-6)
+
+
 def optim_config(name: str, learning_rate: float, **overrides) -> config_dict.ConfigDict:
     """``config.optim``: the fields :func:`wtjax.job.optim.create_optimizer` reads.
 
