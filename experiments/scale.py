@@ -86,6 +86,7 @@ SCALES = {
 SETTINGS = {
     "cpu": "cpu scale (16x16 px, 10k images, 2 epochs, width 16)",
     "cpu32": "cpu32 scale (32x32 px, 45k images, 6 epochs, width 32)",  # central_claim_32px
+    "cpu_mdeq": "cpu scale's data (16x16 px, 10k images, 2 epochs), MDEQ-Tiny widths",  # fig2's MDEQ runs
     "paper": "paper scale",
 }
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from train_utils import hold_lock
 
@@ -215,6 +216,42 @@ def test_committed_tables_are_generated_from_the_committed_results(study, tmp_pa
         assert table.read_text() == (committed / table.name).read_text(), (
             f"rerun the aggregation of {study.name}"
         )
+
+
+def fake_finished(runs, seed=0) -> list[dict]:
+    """Results of ``runs`` as if all had finished: random accuracies and step times."""
+    rng = np.random.default_rng(seed)
+    summary = {"step": 1, "num_params": 1, "accounting": {"active": 1, "flops_per_image": 1.0}}
+    return [
+        {
+            "id": r.id,
+            "tags": dict(r.tags),
+            "overrides": dict(r.overrides),
+            "summary": {**summary, "eval/accuracy": float(rng.random())},
+            "eval_curve": [],
+            "median_step_time_s": float(rng.random()),
+        }
+        for r in runs
+    ]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_claim_finds_its_runs_at_every_scale(study, monkeypatch):
+    """With every run of a scale finished, each claim pairs all three seeds: a claim that looks for
+    runs its scale does not define (a width or tag of another scale) would say "running" forever."""
+    module = sweep.load_study(study)
+    if not hasattr(module, "claims"):
+        pytest.skip("no claims")
+    if hasattr(module, "_analysis"):  # Fig. 6 analyses checkpoints: random CKA and probe accuracies
+        rng = np.random.default_rng(0)
+        monkeypatch.setattr(
+            module, "_analysis", lambda r: {"cka": rng.random((10, 10)), "probe_accuracy": rng.random(10)}
+        )
+    for scale in study_scales(module):
+        rows = module.claims(fake_finished(module.runs(scale)), scale)
+        assert rows, scale
+        for row in rows:
+            assert "; 3 seeds," in row["ours"], (scale, row)
 
 
 def test_the_command_lists_a_study_from_the_repository_root(tmp_path):

@@ -12,7 +12,8 @@ A *study* is a folder holding ``study.py`` with two functions:
   each with the keys of :data:`CLAIM_COLUMNS` (``aggregate --all`` collects them, see below);
   ``SCALES``: the scales it defines runs for (others have none); ``COMMITTED_SCALE``: the scale
   of its committed tables when it is not ``cpu`` (e.g. a study that runs at a scale of its own):
-  ``aggregate`` at the default scale reads and writes that scale's results and tables.
+  ``aggregate`` at the default scale reads and writes that scale's results and tables;
+  ``EXTRA_CLAIM_SCALES``: scales of its own whose claim rows join the committed claim table.
 
 Commands (several studies may share runs: a run is identified by its ``id`` and done once), run
 from the directory the runs' config paths are relative to (for this repository's studies, its
@@ -323,8 +324,14 @@ def _own_scales(study) -> str:
 
 
 def claim_rows(study_dir: str | Path, scale: str, results_dir: str | Path) -> list[dict]:
-    """The claim rows of one study: its ``claims(results, scale)``, or one row saying why none."""
+    """The claim rows of one study at ``scale`` (at the committed scale ``cpu``, also at its
+    ``EXTRA_CLAIM_SCALES``): its ``claims(results, scale)``, or one row saying why none."""
     study = load_study(study_dir)
+    scales = [scale, *(getattr(study, "EXTRA_CLAIM_SCALES", ()) if scale == CLI_SCALE else ())]
+    return [row for s in scales for row in _claim_rows_at(study, study_dir, s, results_dir)]
+
+
+def _claim_rows_at(study, study_dir, scale: str, results_dir) -> list[dict]:
     found = _study_results(study, scale, results_dir)
     if found is None:
         return [
