@@ -33,7 +33,8 @@ large    32, 64, 128, 256  14, 28, 56, 112  1680   0.3      11,098,398
 The parameter counts are the reference implementation's trainable parameters (its model built
 from those yaml files, frozen solver copy excluded); this model has exactly the same
 (``tests/test_mdeq.py``). The MDEQ paper's Table 1 rounds them as 170K and 10M. Stem and head
-use GroupNorm where the reference uses BatchNorm (:mod:`wtjax.models.mdeq_layers`).
+use GroupNorm where the reference uses BatchNorm, which slows learning markedly
+(:mod:`wtjax.models.mdeq_layers`, docs/implicit_mdeq.md).
 """
 
 from __future__ import annotations

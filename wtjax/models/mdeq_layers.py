@@ -21,12 +21,15 @@ The block convolutions and the post-fusion 1x1 convolutions are weight-normalise
 (:class:`WNConv`, the reference's ``WNORM: true``); GroupNorm uses the reference's epsilon 1e-5.
 The classification head (:class:`MDEQHead`) is the reference's ``MDEQClsNet`` head.
 
-Deviation from the reference: its stem and head use BatchNorm; batch statistics do not fit this
-library's tied/implicit models (see :mod:`wtjax.core.tied`), so GroupNorm replaces each BatchNorm
-(with the same affine parameters, so the same parameter count; ``affine=False`` BatchNorms become
-GroupNorms without scale and bias). Their group count is ``gcd(groups, channels)`` (the head has
-widths such as 14 that 8 groups do not divide). Initialisation is Flax's (LeCun normal kernels)
-rather than the reference's N(0, 0.01).
+Deviations from the reference (docs/implicit_mdeq.md measures them): its stem and head use
+BatchNorm, which the training job does not carry, so GroupNorm replaces each BatchNorm (with the
+same affine parameters, so the same parameter count; ``affine=False`` BatchNorms become GroupNorms
+without scale and bias), with ``gcd(groups, channels)`` groups (the head has widths such as 14
+that 8 groups do not divide). This swap slows learning markedly (a loss plateau near chance for
+about 100 steps where the reference descends at once). Stride-2 convolutions pad 0 before and 1
+after (Flax's SAME) where the reference pads 1 on each side. Initialisation is Flax's (LeCun
+normal kernels); the reference's weight-normalised convolutions keep PyTorch's default uniform
+init and its plain ones draw N(0, 0.01).
 """
 
 from __future__ import annotations
