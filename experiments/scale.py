@@ -15,7 +15,7 @@ id and is trained once.
   same 5,000-image holdout once per epoch. The 20k-parameter models underfit (training accuracy
   tracks the holdout's), so augmentation only slows them: the batch and augmentation are chosen to
   get past 50% in a CPU budget (experiments/central_claim_32px/README.md has the pilot runs).
-  About 20 minutes per ResNet-like run at K = 4 on an idle 2-core machine; only
+  About 20-40 minutes per ResNet-like run at K = 4 on a 2-core machine; only
   ``experiments/central_claim_32px`` uses it, as a sweep resumed across sessions.
 * ``paper``: the paper's setting (Appendix C): tfds ``cifar10`` at 32x32, all 50,000 training
   images, the official test split; the ResNet recipe (Adam, lr 1e-3, cosine, weight decay 2.5e-6)
