@@ -236,7 +236,7 @@ def _start_hooks(run: _Run, model, key, params_key):
         run.dataset,
         params_key=params_key,
         pruning_key=jax.random.fold_in(key, PRUNING_SEED),
-        init_params=jax.jit(functools.partial(steps.init_params, model, image_shape, params_key)),
+        init_variables=jax.jit(functools.partial(steps.init_variables, model, image_shape, params_key)),
     )
     for hook in train_hooks:
         run.log(hook.describe())
