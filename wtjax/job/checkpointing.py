@@ -1,7 +1,8 @@
 """Checkpoints of the training state with orbax: periodic and final saves, restore-or-init.
 
 A :class:`wtjax.job.state.TrainState` is written as the dict ``{'step', 'params', 'opt_state'}``
-(plus ``'masks'`` when pruning; :meth:`TrainState.checkpoint_tree`). Nothing else is needed to resume
+(plus ``'masks'`` when pruning and ``'batch_stats'`` for a model with BatchNorm;
+:meth:`TrainState.checkpoint_tree`). Nothing else is needed to resume
 bitwise: the data order and augmentation follow from ``(seed, step)`` and the dropout key of
 step ``s`` is ``fold_in(key, s)``.
 

@@ -52,7 +52,7 @@ class TrainHook(Protocol):
         """Entries added to the job's ``summary.json``."""
 
 
-def from_config(config, model, dataset, *, params_key, pruning_key, init_params) -> tuple[tuple, Any]:
+def from_config(config, model, dataset, *, params_key, pruning_key, init_variables) -> tuple[tuple, Any]:
     """``(hooks, initial params or None)`` for ``config.lora`` and ``config.pruning``.
 
     Args:
@@ -60,7 +60,8 @@ def from_config(config, model, dataset, *, params_key, pruning_key, init_params)
       model: the model; dataset: the job's dataset (classes, image shape, training batches).
       params_key: key of the model's initial params (and of LoRA's adapters and new head).
       pruning_key: key of the random pruning scores.
-      init_params: ``init_params() -> the model's initial params`` (from ``params_key``).
+      init_variables: ``init_variables() -> the model's initial variables`` (from ``params_key``:
+        ``{'params'[, 'batch_stats']}``, :func:`wtjax.job.steps.init_variables`).
 
     Returns:
       The hooks in the order their :meth:`TrainHook.variables` apply (LoRA's view of the params
@@ -74,17 +75,26 @@ def from_config(config, model, dataset, *, params_key, pruning_key, init_params)
     if config.pruning.method is not None:
         # From the seed, on every (re)start: a resumed job recomputes exactly the masks its
         # checkpoint holds (and reports them), without a separate code path.
-        params = init_params()
+        variables = init_variables()
+        params = variables["params"]
         batch = next(dataset.train_batches(min(config.pruning.batch_size, dataset.num_train)))
         batch = {"image": batch["image"], "label": batch["label"]}
-        masks = pruning.init_masks(config.pruning, model, params, batch, pruning_key)
+        masks = pruning.init_masks(
+            config.pruning, model, params, batch, pruning_key, batch_stats=variables.get("batch_stats")
+        )
         hooks.append(pruning.PruningHook(config.pruning.method, masks))
     return tuple(hooks), params
 
 
 def apply_variables(hooks, params, state: TrainState, frozen) -> dict:
-    """The ``apply`` variables of ``params`` (the differentiated ones) through every hook."""
+    """The ``apply`` variables of ``params`` (the differentiated ones) through every hook.
+
+    ``state.batch_stats`` (BatchNorm's running statistics), when set, join them as the
+    ``batch_stats`` collection (hooks pass collections they do not map through).
+    """
     variables = {"params": params}
+    if state.batch_stats is not None:
+        variables["batch_stats"] = state.batch_stats
     for hook, hook_frozen in zip(hooks, frozen, strict=True):
         variables = hook.variables(variables, state, hook_frozen)
     return variables

@@ -19,22 +19,31 @@ class TrainState:
       opt_state: the optimizer state of ``params``.
       masks: pruning at initialisation (:class:`wtjax.methods.pruning.PruningHook`):
         ``{'params': partial bool tree, 'masks': stored-masks collection}``; ``None`` otherwise.
+      batch_stats: the model's ``batch_stats`` collection (BatchNorm's running mean and variance,
+        outside any tie) when its init makes one; updated by every train step, read by eval;
+        ``None`` otherwise.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     masks: Any = None
+    batch_stats: Any = None
+
+    # Optional fields, written to checkpoints only when set (:meth:`checkpoint_tree`).
+    OPTIONAL_FIELDS = ("masks", "batch_stats")
 
     def checkpoint_tree(self) -> dict:
-        """``{'step', 'params', 'opt_state'[, 'masks']}``: the layout checkpoints have always had.
+        """``{'step', 'params', 'opt_state'[, 'masks'][, 'batch_stats']}``.
 
         Orbax restores by tree structure, and a ``masks=None`` field would be an extra (empty)
-        node: unset fields are left out so older run directories still resume.
+        node: unset optional fields are left out, so run directories written before a field
+        existed still resume (for a model that does not set it).
         """
         tree = {"step": self.step, "params": self.params, "opt_state": self.opt_state}
-        if self.masks is not None:
-            tree["masks"] = self.masks
+        for name in self.OPTIONAL_FIELDS:
+            if getattr(self, name) is not None:
+                tree[name] = getattr(self, name)
         return tree
 
     @classmethod

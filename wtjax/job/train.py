@@ -10,7 +10,8 @@ the loss; ``out['metrics']`` (a dict of scalars) is averaged and logged as ``tra
 keys ending in ``_nonconverged``/``_diverged`` count failed solves, handled by
 ``config.solver_failure`` (log, skip the step, stop; :mod:`wtjax.job.steps`).
 Models whose ``__call__`` declares a ``step`` keyword get the current step (e.g. a DEQ that
-switches from weight-tied pre-training to its solver).
+switches from weight-tied pre-training to its solver). A model with BatchNorm outside its ties has
+its running statistics in the state (``TrainState.batch_stats``; :mod:`wtjax.job.steps`).
 
 Randomness: ``key = PRNGKey(config.seed)``; parameters from ``fold_in(key, 0)``, the dropout key of
 step ``s`` is ``fold_in(fold_in(key, 1), s)`` (with ``grad_accum_steps`` > 1, micro-batch ``m``
@@ -236,7 +237,7 @@ def _start_hooks(run: _Run, model, key, params_key):
         run.dataset,
         params_key=params_key,
         pruning_key=jax.random.fold_in(key, PRUNING_SEED),
-        init_params=jax.jit(functools.partial(steps.init_params, model, image_shape, params_key)),
+        init_variables=jax.jit(functools.partial(steps.init_variables, model, image_shape, params_key)),
     )
     for hook in train_hooks:
         run.log(hook.describe())

@@ -440,7 +440,9 @@ def prune_model(
     return scored.split(_flat(masks_from_scores(scores, sparsity, scope)))
 
 
-def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> dict | None:
+def init_masks(
+    pruning_config, model, params, batch: dict, key: jax.Array, *, batch_stats=None
+) -> dict | None:
     """The masks of ``config.pruning`` for a model's initial params, or ``None`` when it is off.
 
     The training job computes them at start-up and holds them in a :class:`PruningHook` (which puts
@@ -457,6 +459,9 @@ def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> di
       params: the initial parameters.
       batch: ``{'image', 'label'}`` training batch for SNIP/GraSP (SynFlow only uses its shape).
       key: PRNG key of the random scores.
+      batch_stats: the model's initial ``batch_stats`` collection (BatchNorm outside the tie), or
+        ``None``. The scores are computed with ``train=False``, so BatchNorm normalises with these
+        running statistics, as every other pass does at ``train=False``.
     """
     method = pruning_config.get("method") if hasattr(pruning_config, "get") else pruning_config.method
     if method is None:
@@ -468,8 +473,10 @@ def init_masks(pruning_config, model, params, batch: dict, key: jax.Array) -> di
     if stored and getattr(model, "weight_map", None) is not None:
         raise ValueError("pruning a SPIN weight-mapped tie is not supported")
 
+    state = {} if batch_stats is None else {"batch_stats": batch_stats}
+
     def apply_fn(variables, images):
-        return model.apply(variables, images, train=False)[0]
+        return model.apply({**variables, **state}, images, train=False)[0]
 
     return prune_model(
         method,

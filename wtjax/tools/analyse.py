@@ -55,6 +55,8 @@ def load_run(workdir: str | Path):
     step = _newest_sound_step(manager.all_steps(), workdir / "checkpoints")
     state = manager.restore(step, args=ocp.args.StandardRestore())
     variables = pruning.model_variables(state["params"], state.get("masks"))
+    if state.get("batch_stats") is not None:  # BatchNorm's running statistics (train=False uses them)
+        variables["batch_stats"] = state["batch_stats"]
     return config, model, variables, dataset, step
 
 
