@@ -82,10 +82,12 @@ class _Recorder:
 
 def test_hooks_apply_in_order_with_their_own_frozen_argument():
     first, second = _Recorder("a"), _Recorder("b")
-    out = hooks.apply_variables((first, second), jnp.asarray(1.5), None, (jnp.asarray(2.0), jnp.asarray(3.0)))
+    out = hooks.apply_variables(
+        (first, second), jnp.asarray(1.5), _state(), (jnp.asarray(2.0), jnp.asarray(3.0))
+    )
     assert out["seen"] == ("a", "b") and float(out["params"]) == 1.5 * 2.0 * 3.0
     with pytest.raises(ValueError):  # one frozen argument per hook
-        hooks.apply_variables((first, second), jnp.asarray(1.5), None, (jnp.asarray(2.0),))
+        hooks.apply_variables((first, second), jnp.asarray(1.5), _state(), (jnp.asarray(2.0),))
 
 
 def test_a_hooks_initial_params_replace_the_models_and_get_the_optimizer_state():
