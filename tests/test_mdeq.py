@@ -18,8 +18,12 @@ from wtjax.models.mdeq import MDEQ, flatten_branches, unflatten_branches
 from wtjax.models.mdeq_layers import MDEQHead
 from wtjax.tools import sweep
 
-# Three branches exercise two-level down- and upsampling and the 1x1 stem stage.
-SMALL = dict(size=None, channels=(4, 8, 8), head_channels=(2, 2, 4), final_channels=8, groups=2, depth=3)
+# Three branches exercise two-level down- and upsampling and the 1x1 stem stage. GroupNorm in the
+# stem and head keeps these tests of the implicit layer free of batch statistics (the BatchNorm
+# default has its own test).
+SMALL = dict(
+    size=None, channels=(4, 8, 8), head_channels=(2, 2, 4), final_channels=8, groups=2, depth=3, norm="group"
+)
 # Broyden converges on this map at initialisation; plain or damped iteration does not.
 BROYDEN = dict(f_solver="broyden", f_max_iter=60, f_tol=1e-5, b_solver="broyden", b_max_iter=60, b_tol=1e-8)
 
@@ -45,6 +49,33 @@ def test_parameter_counts_equal_the_reference_implementation(size, count):
     # requires_grad (the frozen copy of the layer the reference keeps for its backward pass is
     # excluded). The MDEQ paper (Bai et al. 2020, Table 1) reports them rounded: 170K and 10M.
     assert _num_params(MDEQ(size=size)) == count
+
+
+def test_the_reference_batchnorm_sits_in_stem_and_head_only():
+    """``norm='batch'`` (the default, as the reference): running statistics for the stem and head
+    norms only (the implicit layer's map must not depend on the batch), the same parameters as
+    GroupNorm, batch statistics at training and running ones at evaluation."""
+    model = MDEQ(**{**SMALL, "norm": "batch"}, tied_only=True)
+    x = _images(batch=4)
+    variables = model.init(jax.random.key(1), x)
+    assert set(variables["batch_stats"]) == {"stem1_bn", "stem2_bn", "stage0_bn", "head"}
+    assert _num_params(model, size=8) == _num_params(MDEQ(**SMALL), size=8)
+    others_scaled = x.at[1:].multiply(3.0)  # sample 0 unchanged, the rest of its batch not
+
+    def first_logits(images, train):
+        if train:
+            return model.apply(variables, images, train=True, mutable=["batch_stats"])[0][0][0]
+        return model.apply(variables, images)[0][0]
+
+    assert float(jnp.abs(first_logits(x, True) - first_logits(others_scaled, True)).max()) > 1e-3
+    np.testing.assert_allclose(first_logits(x, False), first_logits(others_scaled, False), rtol=1e-6)
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), updated["batch_stats"], variables["batch_stats"]
+    )
+    assert min(jax.tree.leaves(moved)) > 0  # every running statistic took a step toward the batch's
+    with pytest.raises(ValueError, match="norm must be one of"):
+        MDEQ(**{**SMALL, "norm": "layer"}).init(jax.random.key(1), x)
 
 
 def test_shapes_branches_metrics_and_dropout():
@@ -142,7 +173,7 @@ def test_fixed_point_and_implicit_gradient_against_a_dense_linear_solve():
         rel = jnp.linalg.norm(f(block, z) - z) / jnp.linalg.norm(z)
         assert float(rel) < 1e-9 and float(out["metrics"]["deq_fwd_nonconverged"]) == 0
 
-        head = MDEQHead(10, arch["head_channels"], arch["final_channels"], arch["groups"])
+        head = MDEQHead(10, arch["head_channels"], arch["final_channels"], arch["groups"], norm="group")
         shapes = [b.shape[1:] for b in out["branches"]]
 
         def head_loss(z):

@@ -33,8 +33,8 @@ large    32, 64, 128, 256  14, 28, 56, 112  1680   0.3      11,098,398
 The parameter counts are the reference implementation's trainable parameters (its model built
 from those yaml files, frozen solver copy excluded); this model has exactly the same
 (``tests/test_mdeq.py``). The MDEQ paper's Table 1 rounds them as 170K and 10M. Stem and head
-use GroupNorm where the reference uses BatchNorm, which slows learning markedly
-(:mod:`wtjax.models.mdeq_layers`, docs/implicit_mdeq.md).
+use BatchNorm as the reference (``norm``; GroupNorm in its place slows learning markedly:
+:mod:`wtjax.models.mdeq_layers`, docs/implicit_mdeq.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from wtjax.core import precision
 from wtjax.core.conv import Conv
 from wtjax.models.deq import _CALL_DOC, DEQBase
-from wtjax.models.mdeq_layers import MDEQHead, MultiscaleLayer, group_norm
+from wtjax.models.mdeq_layers import MDEQHead, MultiscaleLayer, outer_norm
 
 SIZES = {
     "tiny": dict(channels=(24, 24), head_channels=(8, 16), final_channels=200, dropout=0.25),
@@ -89,6 +89,8 @@ class MDEQ(DEQBase):
       tied_only: run the weight-tied phase only (``depth`` reuses, no solver) at every step.
       conv_impl: convolution implementation (:mod:`wtjax.core.conv`).
       depth: reuses of the weight-tied (pretraining) phase (reference ``NUM_LAYERS``: 10).
+      norm: the stem's and head's norm: ``'batch'`` (the reference's BatchNorm; running statistics
+        in the ``batch_stats`` collection) or ``'group'`` (stateless GroupNorm, learns slower).
       (solver fields: :class:`~wtjax.models.deq.DEQBase`.)
     """
 
@@ -104,6 +106,7 @@ class MDEQ(DEQBase):
     tied_only: bool = False
     conv_impl: str = "auto"
     depth: int = 10
+    norm: str = "batch"
 
     def arch(self) -> dict:
         """The resolved architecture: the size's values overridden by the fields that are set."""
@@ -171,7 +174,7 @@ class MDEQ(DEQBase):
         ]
         return tuple(k.astype(jnp.float32) / (1.0 - rate) for k in keep)
 
-    def _stem(self, images, dtype):
+    def _stem(self, images, dtype, train):
         """Two 3x3 conv + norm + relu at full resolution, plus a 1x1 stage for > 2 branches."""
         arch = self.arch()
         c0 = arch["channels"][0]
@@ -180,14 +183,14 @@ class MDEQ(DEQBase):
         for name in names:
             kernel = (1, 1) if name == "stage0" else (3, 3)
             x = Conv(c0, kernel, impl=self.conv_impl, dtype=dtype, name=f"{name}_conv")(x)
-            x = nn.relu(group_norm(c0, self.groups, dtype, name=f"{name}_gn")(x))
+            x = nn.relu(outer_norm(self.norm, c0, self.groups, dtype, train=train, name=name)(x))
         return x
 
     @nn.compact
     def __call__(self, images, *, train=False, step=None, max_iter=None, return_intermediates=False):
         arch = self.arch()
         dtype = precision.layer_dtype(self.dtype)
-        x0 = self._stem(images, dtype)
+        x0 = self._stem(images, dtype, train)
         x = {"injection": x0}
         if train and arch["dropout"] > 0:
             x["masks"] = self._dropout_masks(x0, arch["dropout"])
@@ -203,9 +206,10 @@ class MDEQ(DEQBase):
             self.groups,
             self.conv_impl,
             dtype,
+            self.norm,
             name="head",
         )
-        logits, pooled = head(zs)
+        logits, pooled = head(zs, train)
         out = {"stem": x0, "branches": zs, "pre_logits": pooled, "metrics": metrics, "aux_loss": aux}
         if return_intermediates:
             out["block_outputs"] = z[None]

@@ -21,15 +21,14 @@ The block convolutions and the post-fusion 1x1 convolutions are weight-normalise
 (:class:`WNConv`, the reference's ``WNORM: true``); GroupNorm uses the reference's epsilon 1e-5.
 The classification head (:class:`MDEQHead`) is the reference's ``MDEQClsNet`` head.
 
-Deviations from the reference (docs/implicit_mdeq.md measures them): its stem and head use
-BatchNorm, which the training job does not carry, so GroupNorm replaces each BatchNorm (with the
-same affine parameters, so the same parameter count; ``affine=False`` BatchNorms become GroupNorms
-without scale and bias), with ``gcd(groups, channels)`` groups (the head has widths such as 14
-that 8 groups do not divide). This swap slows learning markedly (a loss plateau near chance for
-about 100 steps where the reference descends at once). Stride-2 convolutions pad 0 before and 1
-after (Flax's SAME) where the reference pads 1 on each side. Initialisation is Flax's (LeCun
-normal kernels); the reference's weight-normalised convolutions keep PyTorch's default uniform
-init and its plain ones draw N(0, 0.01).
+Norms: the stem and head (outside the implicit layer) use the reference's BatchNorm by default
+(:func:`outer_norm`; running statistics in the ``batch_stats`` collection), or GroupNorm with the
+same affine parameters (``norm='group'``: stateless, learns markedly slower; docs/implicit_mdeq.md
+measures it). GroupNorms have ``gcd(groups, channels)`` groups (the head has widths such as 14
+that 8 groups do not divide). Deviations from the reference: stride-2 convolutions pad 0 before and
+1 after (Flax's SAME) where the reference pads 1 on each side; initialisation is Flax's (LeCun
+normal kernels), where the reference's weight-normalised convolutions keep PyTorch's default
+uniform init and its plain ones draw N(0, 0.01).
 """
 
 from __future__ import annotations
@@ -55,6 +54,31 @@ def group_norm(channels: int, groups: int, dtype, *, affine: bool = True, name: 
         use_bias=affine,
         dtype=dtype,
         name=name,
+    )
+
+
+OUTER_NORMS = ("batch", "group")  # the stem's and head's norm (MDEQ.norm)
+
+
+def outer_norm(kind: str, channels: int, groups: int, dtype, *, train: bool, affine=True, name=None):
+    """The norm of the stem and head, outside the implicit layer (module docstring).
+
+    ``'batch'``: the reference's BatchNorm (PyTorch's momentum 0.1, i.e. Flax's 0.9; epsilon
+    1e-5), batch statistics at training, running ones (the ``batch_stats`` collection) otherwise.
+    ``'group'``: :func:`group_norm`, stateless, which learns markedly slower (docs/implicit_mdeq.md).
+    """
+    if kind == "group":
+        return group_norm(channels, groups, dtype, affine=affine, name=f"{name}_gn")
+    if kind != "batch":
+        raise ValueError(f"norm must be one of {OUTER_NORMS}, got {kind!r}")
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=GN_EPSILON,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=dtype,
+        name=f"{name}_bn",
     )
 
 
@@ -195,17 +219,21 @@ class Bottleneck(nn.Module):
     groups: int = 8
     conv_impl: str = "auto"
     dtype: jnp.dtype | None = None
+    norm: str = "batch"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         kw = dict(impl=self.conv_impl, dtype=self.dtype)
         out4 = 4 * self.planes
-        norm = lambda c, name, affine=False: group_norm(c, self.groups, self.dtype, affine=affine, name=name)  # noqa: E731
-        h = nn.relu(norm(self.planes, "gn1")(Conv(self.planes, (1, 1), name="conv1", **kw)(x)))
-        h = nn.relu(norm(self.planes, "gn2")(Conv(self.planes, (3, 3), name="conv2", **kw)(h)))
-        h = norm(out4, "gn3")(Conv(out4, (1, 1), name="conv3", **kw)(h))
+
+        def norm(c, name, affine=False):
+            return outer_norm(self.norm, c, self.groups, self.dtype, train=train, affine=affine, name=name)
+
+        h = nn.relu(norm(self.planes, "norm1")(Conv(self.planes, (1, 1), name="conv1", **kw)(x)))
+        h = nn.relu(norm(self.planes, "norm2")(Conv(self.planes, (3, 3), name="conv2", **kw)(h)))
+        h = norm(out4, "norm3")(Conv(out4, (1, 1), name="conv3", **kw)(h))
         # The residual path changes the width, so it has its own 1x1 conv and (affine) norm.
-        res = norm(out4, "down_gn", affine=True)(Conv(out4, (1, 1), name="down_conv", **kw)(x))
+        res = norm(out4, "down", affine=True)(Conv(out4, (1, 1), name="down_conv", **kw)(x))
         return nn.relu(h + res)
 
 
@@ -224,20 +252,27 @@ class MDEQHead(nn.Module):
     groups: int = 8
     conv_impl: str = "auto"
     dtype: jnp.dtype | None = None
+    norm: str = "batch"
 
     @nn.compact
-    def __call__(self, zs):
+    def __call__(self, zs, train: bool = False):
         kw = dict(impl=self.conv_impl, dtype=self.dtype)
-        bottleneck = lambda i: Bottleneck(hc[i], self.groups, self.conv_impl, self.dtype, name=f"incre{i}")  # noqa: E731
         hc = self.head_channels
-        y = bottleneck(0)(zs[0])
+
+        def bottleneck(i, z):
+            block = Bottleneck(hc[i], self.groups, self.conv_impl, self.dtype, self.norm, name=f"incre{i}")
+            return block(z, train)
+
+        def norm(c, name):
+            return outer_norm(self.norm, c, self.groups, self.dtype, train=train, name=name)
+
+        y = bottleneck(0, zs[0])
         for i in range(len(zs) - 1):
             c = 4 * hc[i + 1]
             down = Conv(c, (3, 3), (2, 2), use_bias=True, name=f"down{i}_conv", **kw)(y)
-            down = nn.relu(group_norm(c, self.groups, self.dtype, name=f"down{i}_gn")(down))
-            y = bottleneck(i + 1)(zs[i + 1]) + down
+            y = bottleneck(i + 1, zs[i + 1]) + nn.relu(norm(c, f"down{i}")(down))
         y = Conv(self.final_channels, (1, 1), use_bias=True, name="final_conv", **kw)(y)
-        y = nn.relu(group_norm(self.final_channels, self.groups, self.dtype, name="final_gn")(y))
+        y = nn.relu(norm(self.final_channels, "final")(y))
         pooled = jnp.mean(y, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
         return precision.upcast(logits), pooled
