@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from wtjax.core import precision
 from wtjax.core.conv import Conv, conv2d
 
-GN_EPSILON = 1e-5  # PyTorch's GroupNorm default, which the reference uses
+NORM_EPSILON = 1e-5  # PyTorch's GroupNorm and BatchNorm default, which the reference uses
 
 
 def group_norm(channels: int, groups: int, dtype, *, affine: bool = True, name: str | None = None):
@@ -49,7 +49,7 @@ def group_norm(channels: int, groups: int, dtype, *, affine: bool = True, name: 
     cls = precision.norm_class(nn.GroupNorm, dtype)
     return cls(
         num_groups=math.gcd(groups, channels),
-        epsilon=GN_EPSILON,
+        epsilon=NORM_EPSILON,
         use_scale=affine,
         use_bias=affine,
         dtype=dtype,
@@ -74,7 +74,7 @@ def outer_norm(kind: str, channels: int, groups: int, dtype, *, train: bool, aff
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
-        epsilon=GN_EPSILON,
+        epsilon=NORM_EPSILON,
         use_scale=affine,
         use_bias=affine,
         dtype=dtype,
