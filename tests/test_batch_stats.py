@@ -233,6 +233,20 @@ def test_a_skipped_step_keeps_the_old_statistics(policy):
         assert not np.allclose(new_state.batch_stats["stem_norm"]["mean"], 0.0)
 
 
+def test_overflowing_statistics_make_the_step_non_finite():
+    """Images of size 1e20 overflow the stem's running variance (float32) while the normalised
+    output, the loss and the gradients stay finite: the step must still report itself non-finite
+    (the job then stops before saving it)."""
+    state, step = step_functions(BatchNormNet())
+    ok, (metrics_ok, finite_ok) = jax.jit(step)(state, batch_of(8))
+    huge = batch_of(8)
+    huge["image"] = huge["image"] * np.float32(1e20)
+    new_state, (step_metrics, finite) = jax.jit(step)(state, huge)
+    assert bool(finite_ok) and not bool(finite)
+    assert np.isfinite(step_metrics[metrics.TRAIN_LOSS]) and np.isfinite(step_metrics[metrics.GRAD_NORM])
+    assert not np.all(np.isfinite(new_state.batch_stats["stem_norm"]["var"]))
+
+
 def test_data_parallel_statistics_are_over_the_global_batch():
     model = BatchNormNet()
     state, step = step_functions(model)

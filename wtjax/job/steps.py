@@ -138,7 +138,7 @@ def make_train_step(
 
     The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a step depends only on the
     state and the batch (resumed runs repeat uninterrupted ones). ``finite`` is False when the
-    loss or the gradient norm is NaN/inf; the caller decides what to do (the state is updated
+    loss, the gradient norm or an updated BatchNorm statistic is NaN/inf; the caller decides what to do (the state is updated
     regardless and must not be saved).
 
     ``hooks`` (:class:`wtjax.job.hooks.TrainHook`) map the trained params to the model's
@@ -180,6 +180,10 @@ def make_train_step(
         step_metrics[metrics.GRAD_NORM] = grad_norm
         step_metrics[metrics.LEARNING_RATE] = schedule(step)
         finite = jnp.isfinite(step_metrics[metrics.TRAIN_LOSS]) & jnp.isfinite(grad_norm)
+        # BatchNorm's running variance can overflow while the normalised output, the loss and
+        # the gradients stay finite: it would poison every evaluation and checkpoint after it.
+        for leaf in jax.tree.leaves(batch_stats):
+            finite &= jnp.all(jnp.isfinite(leaf))
         new_state = state.replace(
             step=step + 1,
             params=optax.apply_updates(params, updates),

@@ -331,7 +331,9 @@ class _PendingMetrics:
         fetched, self.items = jax.device_get(self.items), []
         for s, m, finite in fetched:
             if not finite:
-                raise FloatingPointError(f"non-finite loss or gradient at step {s} {self._stopped(s)}")
+                raise FloatingPointError(
+                    f"non-finite loss, gradient or BatchNorm statistics at step {s} {self._stopped(s)}"
+                )
             if self.stop_on_solver_failure and m.get(metrics.SOLVER_FAILED, 0) > 0:
                 failed = ", ".join(f"{k} = {m[k]:g}" for k in steps.solver_failure_keys(m) if m[k] > 0)
                 raise steps.SolverFailed(
