@@ -113,7 +113,7 @@ def iterations_needed(model, args, cap=100):
     )
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,19 +127,24 @@ def main():
     parser.add_argument("--ks", default="4,8,16,32", help="depths / iteration budgets for the memory table")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the markdown report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.width, args.batch, args.size, args.depth = 16, 8, 16, 4
         args.ks, args.reps = "2,4,8", 5
-    ks = [int(k) for k in args.ks.split(",")]
-    groups = 4 if args.width % 4 == 0 else 1
-    base = dict(width=args.width, groups=groups)
+    return args
+
+
+def deq_model(base: dict, depth: int, budget: tuple[int, int], fields: dict) -> DEQResNetLike:
     # f_tol=0: every DEQ runs its whole budget, so the timing compares equal iteration counts.
+    f_iters, b_iters = budget
+    return DEQResNetLike(
+        depth=depth, f_max_iter=f_iters, b_max_iter=b_iters, f_tol=0.0, b_tol=0.0, **base, **fields
+    )
+
+
+def step_time_sections(args, base: dict) -> list[str]:
+    """Markdown lines: step time of every DEQ variant at both budgets, then iterations needed."""
     lines = [
-        f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}. "
-        f"Width {args.width}, batch {args.batch}, {args.size}x{args.size} images, "
-        f"weight-tied depth K={args.depth}.",
-        "",
         f"### Train-step time (min and median of {args.reps} steps; tol 0: each DEQ uses its whole budget)",
         "",
         "| model | budget (fwd/bwd) | step min (s) | step median (s) | x weight-tied (min) | fwd iters "
@@ -154,15 +159,7 @@ def main():
     needed = {}
     for budget in [(args.f_iters, args.b_iters), (args.depth, args.depth)]:
         for name, fields in VARIANTS.items():
-            model = DEQResNetLike(
-                depth=args.depth,
-                f_max_iter=budget[0],
-                b_max_iter=budget[1],
-                f_tol=0.0,
-                b_tol=0.0,
-                **base,
-                **fields,
-            )
+            model = deq_model(base, args.depth, budget, fields)
             r = measure(model, args)
             if name not in needed:
                 needed[name] = iterations_needed(model, args)
@@ -180,35 +177,39 @@ def main():
         "| model | forward / adjoint iterations (samples not converged) |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {text} |" for name, text in needed.items()]
-    lines += [
-        "",
+    return lines + [f"| {name} | {text} |" for name, text in needed.items()]
+
+
+def memory_section(args, base: dict) -> list[str]:
+    """Markdown lines: XLA's temporary memory of the step as K (= the DEQ's budget) grows."""
+    lines = [
         "### Temporary memory of the compiled train step (XLA memory analysis, MiB)",
         "",
         "| K (reuses = DEQ fwd/bwd iterations) | weight-tied | weight-tied + remat nothing_saveable "
         "| DEQ IFT Anderson |",
         "|---|---|---|---|",
     ]
-    for k in ks:
-        t = measure(ResNetLike(depth=k, mask_mode="dense", **base), args, timed=False)
-        r = measure(
-            ResNetLike(depth=k, mask_mode="dense", remat_policy="nothing_saveable", **base), args, timed=False
+    for k in [int(k) for k in args.ks.split(",")]:
+        models = (
+            ResNetLike(depth=k, mask_mode="dense", **base),
+            ResNetLike(depth=k, mask_mode="dense", remat_policy="nothing_saveable", **base),
+            deq_model(base, k, (k, k), VARIANTS["DEQ IFT Anderson"]),
         )
-        d = measure(
-            DEQResNetLike(
-                depth=k,
-                f_max_iter=k,
-                b_max_iter=k,
-                f_tol=0.0,
-                b_tol=0.0,
-                **base,
-                **VARIANTS["DEQ IFT Anderson"],
-            ),
-            args,
-            timed=False,
-        )
-        lines.append(f"| {k} | {t['temp_mib']:.2f} | {r['temp_mib']:.2f} | {d['temp_mib']:.2f} |")
+        mib = [measure(m, args, timed=False)["temp_mib"] for m in models]
+        lines.append(f"| {k} | " + " | ".join(f"{m:.2f}" for m in mib) + " |")
         print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    base = dict(width=args.width, groups=4 if args.width % 4 == 0 else 1)
+    header = (
+        f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}. "
+        f"Width {args.width}, batch {args.batch}, {args.size}x{args.size} images, "
+        f"weight-tied depth K={args.depth}."
+    )
+    lines = [header, "", *step_time_sections(args, base), "", *memory_section(args, base)]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
