@@ -138,8 +138,8 @@ def make_train_step(
 
     The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a step depends only on the
     state and the batch (resumed runs repeat uninterrupted ones). ``finite`` is False when the
-    loss, the gradient norm or an updated BatchNorm statistic is NaN/inf; the caller decides what to do (the state is updated
-    regardless and must not be saved).
+    loss, the gradient norm or an updated BatchNorm statistic is NaN/inf; the caller decides what
+    to do (the state is updated regardless and must not be saved).
 
     ``hooks`` (:class:`wtjax.job.hooks.TrainHook`) map the trained params to the model's
     variables; ``frozen`` holds one argument per hook (``hook.frozen()``, e.g. LoRA's frozen

@@ -145,19 +145,21 @@ def load_pretrained(
             restored[POSEMB], expected[POSEMB].shape[1], model.classifier == "token"
         )
 
+    _check_matches(restored, expected, f"checkpoint {path!r}", f"ViT({dict(model_config)})")
+    restored = {key: restored[key].astype(want.dtype) for key, want in expected.items()}
+    return traverse_util.unflatten_dict(restored)
+
+
+def _check_matches(restored: dict, expected: dict, source: str, target: str) -> None:
+    """Raise (KeyError / ValueError, naming the keys and shapes) unless the flat trees match."""
     missing = sorted("/".join(k) for k in expected.keys() - restored.keys())
     extra = sorted("/".join(k) for k in restored.keys() - expected.keys())
     if missing or extra:
-        raise KeyError(
-            f"checkpoint {path!r} does not match ViT({dict(model_config)}): missing keys {missing}, "
-            f"unexpected keys {extra}"
-        )
+        raise KeyError(f"{source} does not match {target}: missing keys {missing}, unexpected keys {extra}")
     for key, want in sorted(expected.items()):
         got = restored[key]
         if got.shape != want.shape:
             raise ValueError(
-                f"checkpoint {path!r}: parameter '{'/'.join(key)}' has shape {got.shape} in the file "
+                f"{source}: parameter '{'/'.join(key)}' has shape {got.shape} in the file "
                 f"but the model expects {want.shape}"
             )
-        restored[key] = got.astype(want.dtype)
-    return traverse_util.unflatten_dict(restored)
