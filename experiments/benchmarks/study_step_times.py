@@ -46,7 +46,8 @@ def first_seed_runs(study, scale: str) -> list[sweep.Run]:
 
 
 def timing_config(run: sweep.Run, steps: int, train_images: int, log_every: int):
-    """``run``'s job config cut to ``steps`` steps on ``train_images`` images, quiet and unsaved."""
+    """``run``'s job config cut to ``steps`` steps on ``train_images`` images: no logging beyond the
+    step times, no evaluation or checkpoint before the last step (the workdir is thrown away)."""
     config = sweep.load_config(run)
     with config.unlocked():
         config.num_train_steps = steps
