@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from train_utils import load_config
 
 from wtjax.job import config as cs
@@ -49,6 +50,39 @@ def test_parameter_counts_equal_the_reference_implementation(size, count):
     # requires_grad (the frozen copy of the layer the reference keeps for its backward pass is
     # excluded). The MDEQ paper (Bai et al. 2020, Table 1) reports them rounded: 170K and 10M.
     assert _num_params(MDEQ(size=size)) == count
+
+
+def test_initialisation_is_the_reference_one():
+    """locuslab/mdeq's ``init_weights`` redraws plain convolutions from N(0, 0.01) (weights and
+    biases); weight-normalised kernels ``v`` and the classifier keep PyTorch's default
+    U(+-1/sqrt(fan_in)), with ``g = ||v||``; norms start at scale 1, bias 0."""
+    params = MDEQ(size="tiny").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    plain, weight_normed = [], 0
+    for path, value in flat.items():
+        module, leaf = path.rsplit("/", 1)
+        if leaf == "kernel" and value.ndim == 4 and f"{module}/scale" in flat:  # WNConv's v
+            bound = 1 / math.sqrt(math.prod(value.shape[:3]))
+            assert np.abs(value).max() <= bound and value.std() == pytest.approx(
+                bound / math.sqrt(3), rel=0.1
+            )
+            norms = np.sqrt((value**2).sum(axis=(0, 1, 2)))
+            np.testing.assert_allclose(flat[f"{module}/scale"], norms, rtol=1e-6)
+            weight_normed += 1
+        elif leaf in ("kernel", "bias") and f"{module}/kernel" in flat and flat[f"{module}/kernel"].ndim == 4:
+            plain.append(value.ravel())
+    plain = np.concatenate(plain)
+    assert weight_normed > 0 and plain.std() == pytest.approx(0.01, rel=0.02) and abs(plain.mean()) < 1e-3
+    bound = 1 / math.sqrt(flat["head/classifier/kernel"].shape[0])
+    for leaf in ("kernel", "bias"):
+        value = flat[f"head/classifier/{leaf}"]
+        assert np.abs(value).max() <= bound and value.std() > bound / 3
+    norm_scales = [
+        v
+        for p, v in flat.items()
+        if p.endswith("/scale") and v.ndim == 1 and p.rsplit("/", 1)[0] + "/kernel" not in flat
+    ]
+    assert norm_scales and all(np.all(v == 1) for v in norm_scales)
 
 
 def test_the_reference_batchnorm_sits_in_stem_and_head_only():

@@ -46,9 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from wtjax.core import precision
-from wtjax.core.conv import Conv
 from wtjax.models.deq import _CALL_DOC, DEQBase
-from wtjax.models.mdeq_layers import MDEQHead, MultiscaleLayer, outer_norm
+from wtjax.models.mdeq_layers import MDEQHead, MultiscaleLayer, ReferenceConv, outer_norm
 
 SIZES = {
     "tiny": dict(channels=(24, 24), head_channels=(8, 16), final_channels=200, dropout=0.25),
@@ -182,7 +181,7 @@ class MDEQ(DEQBase):
         names = ["stem1", "stem2"] + (["stage0"] if len(arch["channels"]) > 2 else [])
         for name in names:
             kernel = (1, 1) if name == "stage0" else (3, 3)
-            x = Conv(c0, kernel, impl=self.conv_impl, dtype=dtype, name=f"{name}_conv")(x)
+            x = ReferenceConv(c0, kernel, impl=self.conv_impl, dtype=dtype, name=f"{name}_conv")(x)
             x = nn.relu(outer_norm(self.norm, c0, self.groups, dtype, train=train, name=name)(x))
         return x
 

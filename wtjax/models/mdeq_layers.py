@@ -25,23 +25,45 @@ Norms: the stem and head (outside the implicit layer) use the reference's BatchN
 (:func:`outer_norm`; running statistics in the ``batch_stats`` collection), or GroupNorm with the
 same affine parameters (``norm='group'``: stateless, learns markedly slower; docs/implicit_mdeq.md
 measures it). GroupNorms have ``gcd(groups, channels)`` groups (the head has widths such as 14
-that 8 groups do not divide). Deviations from the reference: stride-2 convolutions pad 0 before and
-1 after (Flax's SAME) where the reference pads 1 on each side; initialisation is Flax's (LeCun
-normal kernels), where the reference's weight-normalised convolutions keep PyTorch's default
-uniform init and its plain ones draw N(0, 0.01).
+that 8 groups do not divide). Deviation from the reference: stride-2 convolutions pad 0 before and
+1 after (Flax's SAME) where the reference pads 1 on each side.
+
+Initialisation is the reference's (``MDEQClsNet.init_weights``): it redraws every plain
+convolution's weights and biases from N(0, 0.01) (:data:`ReferenceConv`). Its weight-normalised
+convolutions recompute their weight from ``(g, v)`` at every forward pass, so that redraw does not
+reach them: they, like the linear classifier, keep PyTorch's default U(+-1/sqrt(fan_in))
+(:data:`TORCH_DEFAULT_INIT`). Flax's LeCun-normal init instead learned markedly slower
+(docs/implicit_mdeq.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from wtjax.core import precision
 from wtjax.core.conv import Conv, conv2d
 
 NORM_EPSILON = 1e-5  # PyTorch's GroupNorm and BatchNorm default, which the reference uses
+
+PLAIN_CONV_INIT = nn.initializers.normal(0.01)  # the reference's redraw of plain convolutions
+# PyTorch's default for Conv2d and Linear weights, Kaiming-uniform with a = sqrt(5): U(+-1/sqrt(fan_in)).
+TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+ReferenceConv = functools.partial(Conv, kernel_init=PLAIN_CONV_INIT, bias_init=PLAIN_CONV_INIT)
+
+
+def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init of a layer with ``fan_in`` inputs: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def group_norm(channels: int, groups: int, dtype, *, affine: bool = True, name: str | None = None):
@@ -97,7 +119,7 @@ class WNConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         shape = (*self.kernel_size, x.shape[-1], self.features)
-        v = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        v = self.param("kernel", TORCH_DEFAULT_INIT, shape, jnp.float32)
         norm = lambda w: jnp.sqrt(jnp.sum(w**2, axis=(0, 1, 2)))  # noqa: E731
         g = self.param("scale", lambda _key, _shape: norm(v), (self.features,))
         kernel = v * (g / norm(v))
@@ -109,7 +131,9 @@ def _conv(features, kernel, *, weight_norm, impl, dtype, name, strides=(1, 1), b
     """A convolution: weight-normalised (stride 1, no bias) when ``weight_norm``, plain otherwise."""
     if weight_norm:
         return WNConv(features, (kernel, kernel), impl=impl, dtype=dtype, name=name)
-    return Conv(features, (kernel, kernel), strides, use_bias=bias, impl=impl, dtype=dtype, name=name)
+    return ReferenceConv(
+        features, (kernel, kernel), strides, use_bias=bias, impl=impl, dtype=dtype, name=name
+    )
 
 
 class MDEQBasicBlock(nn.Module):
@@ -156,13 +180,13 @@ class Fuse(nn.Module):
     def __call__(self, x):
         kw = dict(impl=self.conv_impl, dtype=self.dtype)
         if self.level_diff < 0:
-            x = Conv(self.c_out, (1, 1), name="conv", **kw)(x)
+            x = ReferenceConv(self.c_out, (1, 1), name="conv", **kw)(x)
             x = group_norm(self.c_out, self.groups, self.dtype, name="gn")(x)
             return upsample_nearest(x, 2 ** (-self.level_diff))
         for k in range(self.level_diff):
             last = k == self.level_diff - 1
             c = self.c_out if last else self.c_in
-            x = Conv(c, (3, 3), (2, 2), name=f"down{k}_conv", **kw)(x)
+            x = ReferenceConv(c, (3, 3), (2, 2), name=f"down{k}_conv", **kw)(x)
             x = group_norm(c, self.groups, self.dtype, name=f"down{k}_gn")(x)
             if not last:
                 x = nn.relu(x)
@@ -229,11 +253,11 @@ class Bottleneck(nn.Module):
         def norm(c, name, affine=False):
             return outer_norm(self.norm, c, self.groups, self.dtype, train=train, affine=affine, name=name)
 
-        h = nn.relu(norm(self.planes, "norm1")(Conv(self.planes, (1, 1), name="conv1", **kw)(x)))
-        h = nn.relu(norm(self.planes, "norm2")(Conv(self.planes, (3, 3), name="conv2", **kw)(h)))
-        h = norm(out4, "norm3")(Conv(out4, (1, 1), name="conv3", **kw)(h))
+        h = nn.relu(norm(self.planes, "norm1")(ReferenceConv(self.planes, (1, 1), name="conv1", **kw)(x)))
+        h = nn.relu(norm(self.planes, "norm2")(ReferenceConv(self.planes, (3, 3), name="conv2", **kw)(h)))
+        h = norm(out4, "norm3")(ReferenceConv(out4, (1, 1), name="conv3", **kw)(h))
         # The residual path changes the width, so it has its own 1x1 conv and (affine) norm.
-        res = norm(out4, "down", affine=True)(Conv(out4, (1, 1), name="down_conv", **kw)(x))
+        res = norm(out4, "down", affine=True)(ReferenceConv(out4, (1, 1), name="down_conv", **kw)(x))
         return nn.relu(h + res)
 
 
@@ -269,10 +293,16 @@ class MDEQHead(nn.Module):
         y = bottleneck(0, zs[0])
         for i in range(len(zs) - 1):
             c = 4 * hc[i + 1]
-            down = Conv(c, (3, 3), (2, 2), use_bias=True, name=f"down{i}_conv", **kw)(y)
+            down = ReferenceConv(c, (3, 3), (2, 2), use_bias=True, name=f"down{i}_conv", **kw)(y)
             y = bottleneck(i + 1, zs[i + 1]) + nn.relu(norm(c, f"down{i}")(down))
-        y = Conv(self.final_channels, (1, 1), use_bias=True, name="final_conv", **kw)(y)
+        y = ReferenceConv(self.final_channels, (1, 1), use_bias=True, name="final_conv", **kw)(y)
         y = nn.relu(norm(self.final_channels, "final")(y))
         pooled = jnp.mean(y, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=TORCH_DEFAULT_INIT,
+            bias_init=torch_default_bias_init(pooled.shape[-1]),
+            name="classifier",
+        )(pooled)
         return precision.upcast(logits), pooled
