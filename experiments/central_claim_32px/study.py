@@ -66,9 +66,9 @@ def aggregate(results, out_dir, scale):
             step_time = side_by_side.get(mode, r["median_step_time_s"])
             by_time.plot([s * step_time / 60 for s in steps], [100 * a for a in accs], **kw)
     time_axis = (
-        "training time (min): steps x step time measured side by side"
+        "training time (min): steps x side-by-side step time"
         if set(side_by_side) >= {mode for (mode,) in by_mode}
-        else "training time (min): steps x the run's median step time (load varied)"
+        else "training time (min): steps x the run's own step time"
     )
     for ax, xlabel in ((by_epoch, "epoch"), (by_time, time_axis)):
         ax.set_xlabel(xlabel)
