@@ -1,9 +1,9 @@
 """The paper's central claim at a CPU scale that can resolve it: dense vs same-mask vs multi-mask
 weight tying (the ResNet-like block, K = 4, density 0.5, width 32) at full 32x32 resolution on the
-45,000 non-holdout CIFAR-10 training images, 4 epochs at batch 64 without augmentation, 3 seeds
+45,000 non-holdout CIFAR-10 training images, 6 epochs at batch 64 without augmentation, 3 seeds
 (scale ``cpu32``, experiments/scale.py).
 
-The runs take 20-40 minutes each on a 2-core machine, so this study is swept in the
+The runs take 35-60 minutes each on a 2-core machine, so this study is swept in the
 background across sessions and its results are committed as they finish; at the ``cpu`` scale it
 has no runs.
 """
