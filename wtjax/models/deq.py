@@ -288,6 +288,12 @@ class DEQBase(nn.Module):
         needs_key = train and ((self.monitor_backward and self.grad == "ift") or self.jac_weight > 0)
         key = self.make_rng("dropout") if needs_key else jax.random.key(0)
 
+        if self.is_initializing():
+            # The parameters exist now; a solve (up to f_max_iter iterations, run op by op when
+            # init is not jitted) would only cost time. `init_with_output` returns z_K instead.
+            # Bad solver fields still fail here: building the configs checks them.
+            self._solver("f"), self._solver("b")
+            return self._tied_phase(p, x)
         deq = lambda p, x: self._deq_phase(p, x, key, train=train, max_iter=max_iter)  # noqa: E731
         if step is None or self.deq_pretrain_steps <= 0:
             return deq(p, x)
