@@ -211,7 +211,7 @@ def test_committed_tables_are_generated_from_the_committed_results(study, tmp_pa
     module.aggregate(sweep.load_results(runs, scale, RESULTS), tmp_path, scale)
     tables = sorted(tmp_path.glob("*.md"))
     assert tables and (list(tmp_path.glob("*.png")) or not runs)  # no runs: a table saying so
-    committed = study if scale == "cpu" else study / scale  # where `sweep aggregate` writes them
+    committed = sweep.tables_dir(study, scale)  # where `sweep aggregate` writes them
     for table in tables:
         assert table.read_text() == (committed / table.name).read_text(), (
             f"rerun the aggregation of {study.name}"

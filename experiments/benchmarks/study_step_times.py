@@ -108,8 +108,7 @@ def main(argv=None) -> None:
     timed = measure(
         runs, steps=args.steps, rounds=args.rounds, train_images=args.train_images, log_every=args.log_every
     )
-    tables = Path(args.study) if args.scale == sweep.CLI_SCALE else Path(args.study) / args.scale
-    out = Path(args.out or tables / FILE_NAME)
+    out = Path(args.out or sweep.tables_dir(args.study, args.scale) / FILE_NAME)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -25,6 +25,7 @@ from experiments.report import (
     verdict_table,
     write,
 )
+from wtjax.tools import sweep
 
 MODES = ("dense", "same", "multi")
 SCALES = ("cpu32", "paper")  # the scales this study defines runs for
@@ -83,7 +84,7 @@ def aggregate(results, out_dir, scale):
 
 def step_times_by_mode(scale: str) -> dict[str, float]:
     """Median step time (s) per mode from the committed ``<scale>/step_times.json``, if measured."""
-    timed = study_step_times.load(Path(__file__).parent / scale)
+    timed = study_step_times.load(sweep.tables_dir(Path(__file__).parent, scale))
     return {t["tags"]["mode"]: t["median_s"] for t in timed["runs"].values()} if timed else {}
 
 

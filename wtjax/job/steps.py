@@ -179,11 +179,7 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         step_metrics[metrics.GRAD_NORM] = grad_norm
         step_metrics[metrics.LEARNING_RATE] = schedule(step)
-        finite = jnp.isfinite(step_metrics[metrics.TRAIN_LOSS]) & jnp.isfinite(grad_norm)
-        # BatchNorm's running variance can overflow while the normalised output, the loss and
-        # the gradients stay finite: it would poison every evaluation and checkpoint after it.
-        for leaf in jax.tree.leaves(batch_stats):
-            finite &= jnp.all(jnp.isfinite(leaf))
+        finite = _all_finite(step_metrics[metrics.TRAIN_LOSS], grad_norm, batch_stats)
         new_state = state.replace(
             step=step + 1,
             params=optax.apply_updates(params, updates),
@@ -194,6 +190,18 @@ def make_train_step(
         return new_state, (step_metrics, finite)
 
     return train_step
+
+
+def _all_finite(loss, grad_norm, batch_stats):
+    """Whether the loss, the gradient norm and every updated BatchNorm statistic are finite.
+
+    BatchNorm's running variance can overflow while the normalised output, the loss and the
+    gradients stay finite: it would poison every evaluation and checkpoint after it.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for leaf in jax.tree.leaves(batch_stats):  # none without BatchNorm: the same program as ever
+        finite &= jnp.all(jnp.isfinite(leaf))
+    return finite
 
 
 def _apply_solver_policy(policy: str, state, new_state, step_metrics: dict):

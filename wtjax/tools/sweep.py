@@ -298,6 +298,11 @@ def study_scale(study, scale: str) -> str:
     return getattr(study, "COMMITTED_SCALE", CLI_SCALE) if scale == CLI_SCALE else scale
 
 
+def tables_dir(study_dir: str | Path, scale: str) -> Path:
+    """Where a study's tables of ``scale`` go: the study folder for ``cpu``, else ``<study>/<scale>``."""
+    return Path(study_dir) if scale == CLI_SCALE else Path(study_dir) / scale
+
+
 def _study_results(study, scale: str, results_dir: str | Path) -> tuple[list[dict], int] | None:
     """The finished results of ``study`` at ``scale`` (see :func:`study_scale`) and its run count;
     ``None`` when the study has no such scale: not in its ``SCALES``, or its ``runs`` raises
@@ -392,7 +397,7 @@ def aggregate_studies(study_dirs: Sequence[str | Path], scale: str, results_dir:
     for d in study_dirs:
         study = load_study(d)
         own = study_scale(study, scale)
-        out = Path(d) if own == CLI_SCALE else Path(d) / own
+        out = tables_dir(d, own)
         try:
             found = _study_results(study, scale, results_dir)
             if found is None:
