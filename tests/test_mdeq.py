@@ -92,19 +92,20 @@ def test_the_reference_batchnorm_sits_in_stem_and_head_only():
     GroupNorm, batch statistics at training and running ones at evaluation."""
     model = MDEQ(**{**SMALL, "norm": "batch"}, tied_only=True)
     x = _images(batch=4)
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(jax.random.key(1), x)
     assert set(variables["batch_stats"]) == {"stem1_bn", "stem2_bn", "stage0_bn", "head"}
     assert _num_params(model, size=8) == _num_params(MDEQ(**SMALL), size=8)
     others_scaled = x.at[1:].multiply(3.0)  # sample 0 unchanged, the rest of its batch not
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
 
     def first_logits(images, train):
         if train:
-            return model.apply(variables, images, train=True, mutable=["batch_stats"])[0][0][0]
-        return model.apply(variables, images)[0][0]
+            return apply(variables, images, train=True, mutable="batch_stats")[0][0][0]
+        return apply(variables, images)[0][0]
 
     assert float(jnp.abs(first_logits(x, True) - first_logits(others_scaled, True)).max()) > 1e-3
     np.testing.assert_allclose(first_logits(x, False), first_logits(others_scaled, False), rtol=1e-6)
-    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, updated = apply(variables, x, train=True, mutable="batch_stats")
     moved = jax.tree.map(
         lambda a, b: float(jnp.abs(a - b).max()), updated["batch_stats"], variables["batch_stats"]
     )
@@ -116,8 +117,9 @@ def test_the_reference_batchnorm_sits_in_stem_and_head_only():
 def test_shapes_branches_metrics_and_dropout():
     model = MDEQ(**SMALL, dropout=0.5, f_solver="fixed_point", f_max_iter=3)
     x = _images(batch=3)
-    variables = model.init(jax.random.key(1), x)
-    run = lambda key, train: model.apply(  # noqa: E731
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    apply = jax.jit(model.apply, static_argnames=("train", "return_intermediates"))
+    run = lambda key, train: apply(  # noqa: E731
         variables, x, train=train, rngs={"dropout": jax.random.key(key)}, return_intermediates=True
     )
     logits, out = run(0, False)
@@ -204,7 +206,7 @@ def test_fixed_point_and_implicit_gradient_against_a_dense_linear_solve():
         masks = model.apply({"params": params}, out["stem"], 0.2, method=MDEQ._dropout_masks, rngs=rngs)
         xs = {"injection": out["stem"], "masks": masks}
         block = params["tied"]["block"]
-        f = lambda p, z: model._f(p, xs, z)  # noqa: E731
+        f = jax.jit(lambda p, z: model._f(p, xs, z))
         rel = jnp.linalg.norm(f(block, z) - z) / jnp.linalg.norm(z)
         assert float(rel) < 1e-9 and float(out["metrics"]["deq_fwd_nonconverged"]) == 0
 
@@ -215,7 +217,7 @@ def test_fixed_point_and_implicit_gradient_against_a_dense_linear_solve():
             logits, _ = head.apply({"params": params["head"]}, unflatten_branches(z, shapes))
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        g_z = jax.grad(head_loss)(z)[0]
+        g_z = jax.jit(jax.grad(head_loss))(z)[0]
         jac = jax.jacrev(lambda z: f(block, z))(z)[0, :, 0, :]
         u = jnp.linalg.solve((jnp.eye(z.shape[1]) - jac).T, g_z)
         want = jax.vjp(lambda p: f(p, z), block)[1](u[None])[0]
